@@ -1,0 +1,50 @@
+# gradkit: a reproducible compendium on Monte Carlo gradient estimation.
+# Every target does its own set-up: the first call creates .venv and installs the pinned set.
+
+PYTHON ?= python3.11
+SCALE  ?= default
+SEED   ?= 0
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+BUILD  := _build
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help setup execute book test lint bench clean
+
+help: ## List the targets
+	@echo "gradkit compendium. Usage: make <target> [SCALE=smoke|default|paper] [SEED=0]"
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-9s %s\n", $$1, $$2}'
+
+$(STAMP): requirements.txt constraints.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -r requirements.txt -c constraints.txt
+	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	@touch $(STAMP)
+
+setup: $(STAMP) ## Create .venv with the pinned toolchain and gradkit (re-run only when pins change)
+
+execute: setup ## Execute every chapter at SCALE (figures + provenance in _build/figures), then build the book
+	$(PY) -m gradkit.book execute --scale $(SCALE) --seed $(SEED) --build-dir $(BUILD)
+	$(PY) -m gradkit.book build --build-dir $(BUILD)
+	@echo "Book: $(BUILD)/html/index.html"
+
+book: setup ## Build the HTML book from already-executed notebooks (run 'make execute' first)
+	$(PY) -m gradkit.book build --build-dir $(BUILD)
+
+lint: setup ## ruff lint and format check
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: setup lint ## Everything that checks the project: lint, unit/statistical tests, chapters at smoke scale, book build, browser check
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: setup ## Speed and variance benchmarks (CSV, tables and figures in benchmarks/results)
+	$(PY) -m pip install --quiet -e '.[peers]' -c constraints.txt
+	$(PY) -m benchmarks --out benchmarks/results
+
+clean: ## Remove everything the build made (venv included)
+	rm -rf $(BUILD) $(VENV) benchmarks/results .pytest_cache .ruff_cache .mypy_cache .hypothesis
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

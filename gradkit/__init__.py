@@ -1,0 +1,38 @@
+"""gradkit: Monte Carlo gradient estimation for PyTorch.
+
+Estimate :math:`\\nabla_\\theta \\mathbb{E}_{p(x;\\theta)}[f(x)]` with the score-function,
+pathwise or measure-valued estimator, per sample (to measure variance) or wired into autograd
+with :func:`expectation`. See the book for the derivations and experiments.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from gradkit import baselines, control_variates, distributions
+from gradkit.distributions import DoubleSidedMaxwell
+from gradkit.estimators import (
+    ESTIMATORS,
+    expectation,
+    measure_valued,
+    pathwise,
+    score,
+    score_function,
+)
+
+try:
+    __version__ = version("gradkit")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "ESTIMATORS",
+    "DoubleSidedMaxwell",
+    "__version__",
+    "baselines",
+    "control_variates",
+    "distributions",
+    "expectation",
+    "measure_valued",
+    "pathwise",
+    "score",
+    "score_function",
+]

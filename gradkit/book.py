@@ -1,0 +1,325 @@
+"""The compendium's machinery: chapter context, figures with provenance, execution, book build.
+
+Chapters call :class:`Context` once, in the cell after their ``parameters`` cell::
+
+    ctx = gk.book.Context("log_derivative", scale=scale, seed=seed, output_dir=output_dir)
+    n = ctx.pick(smoke=200, default=20_000, paper=200_000)
+    ...
+    ctx.savefig(fig, "score_identities")   # PNG + PDF + provenance JSON
+
+``python -m gradkit.book execute --scale smoke`` converts every chapter listed in ``_toc.yml``
+with jupytext, executes it with papermill and writes executed notebooks and figures under the
+build folder; ``python -m gradkit.book build`` assembles and builds the Jupyter Book. The
+Makefile's ``execute`` and ``book`` targets call these.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "SCALES",
+    "ChapterError",
+    "Context",
+    "build_book",
+    "chapter_files",
+    "execute_all",
+    "execute_chapter",
+    "pick_device",
+    "seed_everything",
+]
+
+SCALES = ("smoke", "default", "paper")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pick_device() -> torch.device:
+    """CUDA when available, else CPU: the one line every chapter uses to choose its device."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) so the same seed gives the same numbers."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _git_commit(root: Path = ROOT) -> str:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return out + ("+dirty" if dirty else "")
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages that make the numbers."""
+    import gradkit
+
+    out = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "gradkit": gradkit.__version__,
+    }
+    try:
+        import scipy
+
+        out["scipy"] = scipy.__version__
+    except ImportError:  # scipy is a runtime dependency, but keep provenance robust
+        pass
+    return out
+
+
+class Context:
+    """Everything a chapter needs to be reproducible: scale, seed, device, figure files.
+
+    Args:
+        chapter: the chapter's name (its file name without extension).
+        scale: ``"smoke"``, ``"default"`` or ``"paper"``.
+        seed: the random seed; set for Python, NumPy and torch here.
+        output_dir: where figures go (``<output_dir>/<chapter>/``); default ``_build/figures``.
+        **parameters: any further papermill parameters, recorded in the provenance.
+    """
+
+    def __init__(
+        self,
+        chapter: str,
+        scale: str = "default",
+        seed: int = 0,
+        output_dir: str | os.PathLike[str] | None = None,
+        **parameters: Any,
+    ) -> None:
+        if scale not in SCALES:
+            raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+        self.chapter = chapter
+        self.scale = scale
+        self.seed = int(seed)
+        self.parameters = {"scale": scale, "seed": self.seed, **parameters}
+        self.device = pick_device()
+        self.output_dir = Path(output_dir or ROOT / "_build" / "figures") / chapter
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.start = time.perf_counter()
+        seed_everything(self.seed)
+
+    def pick(self, *, smoke: Any, default: Any, paper: Any) -> Any:
+        """The value for this run's scale."""
+        return {"smoke": smoke, "default": default, "paper": paper}[self.scale]
+
+    def provenance(self, **extra: Any) -> dict[str, Any]:
+        """What made a result: chapter, parameters, seed, device, versions, commit, time."""
+        device = str(self.device)
+        if self.device.type == "cuda":
+            device += f" ({torch.cuda.get_device_name(self.device)})"
+        return {
+            "chapter": self.chapter,
+            "parameters": self.parameters,
+            "seed": self.seed,
+            "device": device,
+            "versions": versions(),
+            "git_commit": _git_commit(),
+            "platform": platform.platform(),
+            "wall_time_s": round(time.perf_counter() - self.start, 3),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            **extra,
+        }
+
+    def _write_provenance(self, name: str, files: list[Path], **extra: Any) -> Path:
+        record = self.provenance(files=[p.name for p in files], **extra)
+        path = self.output_dir / f"{name}.json"
+        path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        return path
+
+    def savefig(self, fig: Any, name: str, **extra: Any) -> list[Path]:
+        """Write ``fig`` as ``<name>.png`` and ``<name>.pdf`` plus ``<name>.json`` provenance."""
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise ValueError(f"figure name {name!r} must be a plain file name (letters, _ . -)")
+        files = [self.output_dir / f"{name}.{ext}" for ext in ("png", "pdf")]
+        for path in files:
+            fig.savefig(path, bbox_inches="tight", dpi=150 if path.suffix == ".png" else None)
+        self._write_provenance(name, files, kind="figure", **extra)
+        return files
+
+    def save_table(self, table: Any, name: str, **extra: Any) -> Path:
+        """Write a pandas DataFrame as ``<name>.csv`` plus provenance."""
+        path = self.output_dir / f"{name}.csv"
+        table.to_csv(path, index=True)
+        self._write_provenance(name, [path], kind="table", **extra)
+        return path
+
+
+class ChapterError(RuntimeError):
+    """A chapter raised while executing; names the chapter and the cell."""
+
+
+def chapter_files(root: Path = ROOT) -> list[Path]:
+    """The chapter sources (``chapters/*.md``) in the order ``_toc.yml`` lists them."""
+    toc = (root / "_toc.yml").read_text()
+    names = re.findall(r"file:\s*(chapters/[\w-]+)", toc)
+    return [root / f"{name}.md" for name in names]
+
+
+def execute_chapter(
+    source: Path,
+    output: Path,
+    parameters: dict[str, Any],
+    *,
+    cwd: Path | None = None,
+    timeout: int | None = 3600,
+) -> Path:
+    """Convert a MyST chapter with jupytext and execute it with papermill.
+
+    The executed notebook (with its injected parameters) is written to ``output``; the source is
+    never modified. Raises :class:`ChapterError` naming the chapter and failing cell.
+    """
+    import jupytext
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    notebook = jupytext.read(source)
+    notebook.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
+    output.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        papermill.execute_notebook(
+            notebook,
+            str(output),
+            parameters=parameters,
+            kernel_name="python3",
+            cwd=str(cwd or source.parent),
+            execution_timeout=timeout,
+            progress_bar=False,
+            log_output=False,
+        )
+    except PapermillExecutionError as err:
+        raise ChapterError(
+            f"chapter {source.name} failed in cell {err.cell_index} "
+            f"(execution count {err.exec_count}): {err.ename}: {err.evalue}\n"
+            f"the executed notebook with the traceback is at {output}"
+        ) from None
+    return output
+
+
+def execute_all(
+    scale: str,
+    seed: int,
+    build_dir: Path,
+    only: Sequence[str] = (),
+    root: Path = ROOT,
+) -> list[Path]:
+    """Execute every chapter (or those named in ``only``) at ``scale``."""
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+    figures = (build_dir / "figures").resolve()
+    done = []
+    for source in chapter_files(root):
+        if only and source.stem not in only:
+            continue
+        out = build_dir / "executed" / "chapters" / f"{source.stem}.ipynb"
+        started = time.perf_counter()
+        print(f"[gradkit.book] executing {source.name} at scale={scale} ...", flush=True)
+        params = {"scale": scale, "seed": seed, "output_dir": str(figures)}
+        execute_chapter(source, out, params, cwd=root, timeout=None if scale == "paper" else 3600)
+        print(f"[gradkit.book]   done in {time.perf_counter() - started:.1f} s", flush=True)
+        done.append(out)
+    return done
+
+
+def _stage(build_dir: Path, root: Path) -> Path:
+    """Assemble the book's source: config, pages, executed notebooks (never the .md chapters)."""
+    site = build_dir / "site"
+    if site.exists():
+        shutil.rmtree(site)
+    site.mkdir(parents=True)
+    config = (root / "_config.yml").read_text()
+    year = _dt.date.today().year
+    config = re.sub(r"(?m)^copyright:.*$", f'copyright: "{year}"', config)
+    (site / "_config.yml").write_text(config)
+    for name in ("_toc.yml", "references.bib", "intro.md"):
+        shutil.copy2(root / name, site / name)
+    for page in re.findall(r"file:\s*([\w/-]+)", (root / "_toc.yml").read_text()):
+        if page.startswith("chapters/"):
+            executed = build_dir / "executed" / f"{page}.ipynb"
+            if not executed.exists():
+                raise FileNotFoundError(
+                    f"{executed} does not exist: run `make execute` (or `make execute "
+                    "SCALE=smoke`) before `make book`"
+                )
+            (site / "chapters").mkdir(exist_ok=True)
+            shutil.copy2(executed, site / f"{page}.ipynb")
+        elif not (site / f"{page}.md").exists():
+            (site / f"{page}.md").parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(root / f"{page}.md", site / f"{page}.md")
+    return site
+
+
+def build_book(build_dir: Path, root: Path = ROOT) -> Path:
+    """Build the HTML book (warnings are errors) into ``<build_dir>/html``."""
+    site = _stage(build_dir, root)
+    jb = Path(sys.executable).with_name("jupyter-book")
+    cmd = [str(jb), "build", "-W", "-n", "--keep-going", str(site), "--path-output", str(site)]
+    result = subprocess.run(cmd, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"jupyter-book build failed (exit {result.returncode}): {' '.join(cmd)}")
+    html = build_dir / "html"
+    if html.exists():
+        shutil.rmtree(html)
+    shutil.copytree(site / "_build" / "html", html)
+    return html
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gradkit.book", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("execute", help="execute the chapters")
+    ex.add_argument("--scale", default="default", choices=SCALES)
+    ex.add_argument("--seed", type=int, default=0)
+    ex.add_argument("--build-dir", type=Path, default=ROOT / "_build")
+    ex.add_argument("--only", nargs="*", default=[], help="chapter names to run")
+    bd = sub.add_parser("build", help="build the HTML book from executed notebooks")
+    bd.add_argument("--build-dir", type=Path, default=ROOT / "_build")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "execute":
+            execute_all(args.scale, args.seed, args.build_dir, args.only)
+        else:
+            print(f"[gradkit.book] book at {build_book(args.build_dir)}/index.html")
+    except (ChapterError, FileNotFoundError, RuntimeError) as err:
+        print(f"[gradkit.book] error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
