@@ -52,7 +52,12 @@ def _is_alternative(cls: type, name: str) -> bool:
 
 def _constructor_parameters(base: Distribution) -> dict[str, Tensor]:
     """The parameter tensors ``base`` was built from, in ``arg_constraints`` order."""
-    present = {name: vars(base)[name] for name in base.arg_constraints if name in vars(base)}
+    present = {}
+    for name in base.arg_constraints:
+        if name in vars(base):
+            present[name] = vars(base)[name]
+        elif not _is_alternative(type(base), name) and hasattr(base, name):
+            present[name] = getattr(base, name)  # a plain property, e.g. Beta.concentration1
     alternatives = [name for name in present if _is_alternative(type(base), name)]
     if len(alternatives) > 1:
         # torch caches the lazily derived alternative on first access (dist.logits after

@@ -1,0 +1,228 @@
+"""The compendium end to end: chapters execute at smoke scale through the same papermill path as
+``make execute``, the book builds with warnings as errors, and a headless browser sees rendered
+math, loaded figures and no errors."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from gradkit import book
+
+ROOT = Path(__file__).resolve().parent.parent
+CHAPTERS = book.chapter_files(ROOT)
+
+
+@pytest.fixture(scope="session")
+def build_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("book")
+
+
+def _execute(source: Path, build_dir: Path) -> Path:
+    out = build_dir / "executed" / "chapters" / f"{source.stem}.ipynb"
+    if not out.exists():
+        params = {"scale": "smoke", "seed": 0, "output_dir": str(build_dir / "figures")}
+        book.execute_chapter(source, out, params, cwd=ROOT, timeout=600)
+    return out
+
+
+def test_toc_lists_every_chapter():
+    listed = {p.name for p in CHAPTERS}
+    on_disk = {p.name for p in (ROOT / "chapters").glob("*.md")}
+    assert listed == on_disk, f"chapters not in _toc.yml: {on_disk - listed}"
+    assert all(p.exists() for p in CHAPTERS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", CHAPTERS, ids=lambda p: p.stem)
+def test_chapter_executes_at_smoke_scale(source, build_dir):
+    out = _execute(source, build_dir)
+    nb = json.loads(out.read_text())
+    injected = [c for c in nb["cells"] if "injected-parameters" in c["metadata"].get("tags", [])]
+    assert injected, "papermill did not inject the parameters (is a cell tagged 'parameters'?)"
+    figures = sorted((build_dir / "figures" / source.stem).glob("*.png"))
+    assert figures, f"{source.stem} wrote no figure files"
+    for png in figures:
+        assert png.with_suffix(".pdf").exists()
+        record = json.loads(png.with_suffix(".json").read_text())
+        assert record["chapter"] == source.stem
+        assert record["parameters"]["scale"] == "smoke"
+        for key in ("seed", "device", "versions", "git_commit", "wall_time_s"):
+            assert key in record
+        assert {"torch", "gradkit"} <= set(record["versions"])
+
+
+def test_a_failing_chapter_names_chapter_and_cell(tmp_path):
+    source = tmp_path / "broken.md"
+    source.write_text(
+        textwrap.dedent(
+            """\
+            ---
+            kernelspec:
+              display_name: Python 3
+              language: python
+              name: python3
+            ---
+            # Broken
+
+            ```{code-cell} ipython3
+            :tags: [parameters]
+            scale = "default"
+            ```
+
+            ```{code-cell} ipython3
+            raise RuntimeError("on purpose")
+            ```
+            """
+        )
+    )
+    with pytest.raises(book.ChapterError, match=r"broken\.md failed in cell \d+.*on purpose"):
+        book.execute_chapter(source, tmp_path / "out.ipynb", {"scale": "smoke"}, cwd=tmp_path)
+
+
+def test_execute_command_exits_nonzero_on_failure(tmp_path):
+    (tmp_path / "chapters").mkdir()
+    (tmp_path / "_toc.yml").write_text("root: intro\nchapters:\n  - file: chapters/bad\n")
+    (tmp_path / "chapters" / "bad.md").write_text(
+        "---\nkernelspec:\n  name: python3\n  display_name: Python 3\n  language: python\n---\n"
+        "# Bad\n\n```{code-cell} ipython3\n1 / 0\n```\n"
+    )
+    with pytest.raises(book.ChapterError, match="bad.md failed in cell"):
+        book.execute_all("smoke", 0, tmp_path / "_build", root=tmp_path)
+
+
+def test_context_writes_figures_with_provenance(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ctx = book.Context("demo", scale="smoke", seed=3, output_dir=tmp_path, note="x")
+    assert ctx.pick(smoke=1, default=2, paper=3) == 1
+    fig, ax = plt.subplots()
+    ax.plot([0, 1])
+    files = ctx.savefig(fig, "line")
+    assert [p.suffix for p in files] == [".png", ".pdf"]
+    record = json.loads((tmp_path / "demo" / "line.json").read_text())
+    assert record["parameters"] == {"scale": "smoke", "seed": 3, "note": "x"}
+    assert record["device"] == "cpu"
+    assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?|unknown", record["git_commit"])
+    with pytest.raises(ValueError, match="plain file name"):
+        ctx.savefig(fig, "../escape")
+    with pytest.raises(ValueError, match="scale must be one of"):
+        book.Context("demo", scale="huge")
+
+
+def test_same_seed_same_numbers(tmp_path):
+    import torch
+
+    book.Context("a", seed=5, output_dir=tmp_path)
+    first = torch.randn(3)
+    book.Context("a", seed=5, output_dir=tmp_path)
+    assert torch.equal(first, torch.randn(3))
+
+
+def test_environment_yml_matches_requirements():
+    pins = {}
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, version = line.split("==")
+            pins[name.lower()] = version
+    env = (ROOT / "environment.yml").read_text()
+    conda = dict(re.findall(r"^\s+- ([A-Za-z0-9_.-]+)==([^\s#]+)", env, flags=re.M))
+    conda = {k.lower(): v for k, v in conda.items()}
+    assert "python=3.11" in env
+    assert conda == pins
+
+
+# ------------------------------------------------------------------ the built book
+
+
+@pytest.fixture(scope="session")
+def html(build_dir):
+    for source in CHAPTERS:
+        _execute(source, build_dir)
+    return book.build_book(build_dir, root=ROOT)
+
+
+@pytest.mark.slow
+def test_book_builds_without_warnings(html):
+    import datetime
+
+    index = (html / "index.html").read_text()
+    assert "tex-chtml.js" in index and (html / "_static" / "mathjax" / "tex-chtml.js").exists()
+    assert "cdn.jsdelivr" not in index, "MathJax must be served locally"
+    assert f"{datetime.date.today().year}" in index  # no stale copyright in the footer
+    for source in CHAPTERS:
+        page = (html / "chapters" / f"{source.stem}.html").read_text()
+        assert "Traceback" not in page, f"{source.stem} shows an error"
+    assert "mohamed2020monte" not in index  # citation keys are resolved, not printed raw
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _dom(browser: str, page: Path, tmp_path: Path) -> str:
+    cmd = [
+        browser,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=15000",
+        "--dump-dom",
+        page.as_uri(),
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+@pytest.mark.parametrize("source", CHAPTERS, ids=lambda p: p.stem)
+def test_chapter_page_renders_in_a_browser(source, html, tmp_path):
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("no headless Chromium on this machine (.ci/run installs Debian's chromium)")
+    page = html / "chapters" / f"{source.stem}.html"
+    dom = _dom(browser, page, tmp_path)
+    assert "<mjx-container" in dom, "MathJax did not render any math"
+    body = re.sub(r"<(script|style)\b.*?</\1>", "", dom, flags=re.S)
+    text = re.sub(r"<[^>]+>", " ", body)
+    assert "$$" not in text, "raw $$ math left in the page"
+    images = re.findall(r'<img[^>]+src="([^"]+)"', dom)
+    assert images, "no figures on the page"
+    from PIL import Image
+
+    for src in images:
+        if src.startswith("data:"):
+            continue
+        path = (page.parent / src.split("#")[0]).resolve()
+        assert path.exists(), f"figure {src} does not load"
+        with Image.open(path) as im:
+            im.verify()
+    assert "output traceback" not in dom and "ename" not in text
+
+
+def test_gpu_workflow_calls_the_make_targets():
+    import yaml
+
+    workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "book.yml").read_text())
+    runs = [
+        step.get("run", "") for job in workflow["jobs"].values() for step in job.get("steps", [])
+    ]
+    assert "make test" in runs
+    assert "make execute SCALE=paper" in runs

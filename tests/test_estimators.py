@@ -1,0 +1,352 @@
+"""Score-function and pathwise estimators, gk.expectation, and their error paths.
+
+Statistical tests compare the Monte Carlo mean with the exact gradient, obtained by autograd
+through a closed-form expectation, within a tolerance of a few standard errors of the estimate.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import distributions as D
+
+import gradkit as gk
+
+Z = 4.5  # tolerance in standard errors: a false alarm has probability ~1e-5 per coordinate
+
+
+def assert_unbiased(estimates, exact, z=Z):
+    for name, g in estimates.items():
+        n = g.shape[0]
+        mean, se = g.mean(0), g.std(0) / math.sqrt(n)
+        err = (mean - exact[name]).abs()
+        assert torch.all(err <= z * se + 1e-6), (name, mean, exact[name], se)
+
+
+def exact_grad(expect_fn, **params):
+    """Gradient of a closed-form expectation w.r.t. each named parameter."""
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
+    value = expect_fn(**leaves).sum()
+    grads = torch.autograd.grad(value, list(leaves.values()))
+    return dict(zip(leaves, grads, strict=True))
+
+
+# (distribution factory, cost, closed-form E[cost] as a function of the parameters)
+CASES = {
+    "normal_x2": (
+        lambda p: D.Normal(**p),
+        lambda x: x**2,
+        lambda loc, scale: loc**2 + scale**2,
+        {"loc": torch.tensor([0.5, -1.0]), "scale": torch.tensor([1.0, 0.7])},
+    ),
+    "bernoulli_probs": (
+        lambda p: D.Bernoulli(**p),
+        lambda x: (x - 0.45) ** 2,
+        lambda probs: probs * 0.55**2 + (1 - probs) * 0.45**2,
+        {"probs": torch.tensor([0.2, 0.7])},
+    ),
+    "bernoulli_logits": (
+        lambda p: D.Bernoulli(**p),
+        lambda x: 3.0 * x,
+        lambda logits: 3.0 * torch.sigmoid(logits),
+        {"logits": torch.tensor([-1.0, 0.5])},
+    ),
+    "categorical_logits": (
+        lambda p: D.Categorical(**p),
+        lambda x: torch.tensor([1.0, -2.0, 4.0])[x],
+        lambda logits: (torch.softmax(logits, -1) * torch.tensor([1.0, -2.0, 4.0])).sum(-1),
+        {"logits": torch.tensor([[0.0, 1.0, -1.0], [2.0, 0.0, 0.5]])},
+    ),
+    "categorical_probs": (
+        lambda p: D.Categorical(**p),
+        lambda x: torch.tensor([1.0, -2.0, 4.0])[x],
+        lambda probs: (probs / probs.sum(-1, keepdim=True) * torch.tensor([1.0, -2.0, 4.0])).sum(
+            -1
+        ),
+        {"probs": torch.tensor([0.2, 0.5, 0.3])},
+    ),
+    "poisson": (
+        lambda p: D.Poisson(**p),
+        lambda x: x**2,
+        lambda rate: rate + rate**2,
+        {"rate": torch.tensor([0.5, 3.0])},
+    ),
+    "exponential": (
+        lambda p: D.Exponential(**p),
+        lambda x: x,
+        lambda rate: 1 / rate,
+        {"rate": torch.tensor([0.5, 2.0])},
+    ),
+    "gamma": (
+        lambda p: D.Gamma(**p),
+        lambda x: x,
+        lambda concentration, rate: concentration / rate,
+        {"concentration": torch.tensor([2.0, 5.0]), "rate": torch.tensor([1.0, 3.0])},
+    ),
+    "beta": (
+        lambda p: D.Beta(**p),
+        lambda x: x,
+        lambda concentration1, concentration0: concentration1 / (concentration1 + concentration0),
+        {"concentration1": torch.tensor([2.0]), "concentration0": torch.tensor([3.0])},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_score_function_is_unbiased(case):
+    make, f, expect, params = CASES[case]
+    g = gk.score_function(f, make(params), 40_000)
+    assert set(g) == set(params)
+    for name, p in params.items():
+        assert g[name].shape == (40_000, *make(params).__getattribute__(name).shape) or g[
+            name
+        ].shape[1:] == torch.broadcast_shapes(p.shape)
+    assert_unbiased(g, exact_grad(expect, **params))
+
+
+@pytest.mark.parametrize("case", ["normal_x2", "exponential", "gamma", "beta"])
+def test_pathwise_is_unbiased(case):
+    make, f, expect, params = CASES[case]
+    g = gk.pathwise(f, make(params), 40_000)
+    assert_unbiased(g, exact_grad(expect, **params))
+
+
+def test_a_wrong_estimator_fails_the_test():
+    """The tolerance is tight enough to catch a sign error in the score (checked on purpose)."""
+    make, f, expect, params = CASES["normal_x2"]
+    g = gk.score_function(f, make(params), 40_000)
+    broken = {k: -v for k, v in g.items()}
+    with pytest.raises(AssertionError):
+        assert_unbiased(broken, exact_grad(expect, **params))
+
+
+def test_pathwise_is_exact_for_linear_cost():
+    d = D.Normal(torch.tensor(1.0), torch.tensor(2.0))
+    g = gk.pathwise(lambda x: 3 * x, d, 7)
+    assert torch.equal(g["loc"], torch.full((7,), 3.0))
+
+
+def test_score_function_matches_closed_form_variance():
+    # f(x) = x under N(mu, 1): per-sample estimate x (x - mu); Var = E[x^2 (x-mu)^2] - 1 = mu^2 + 2
+    mu = 1.5
+    g = gk.score_function(lambda x: x, D.Normal(torch.tensor(mu), torch.tensor(1.0)), 200_000)
+    var = g["loc"].var()
+    se_var = var * math.sqrt(2 / 200_000) * 3  # heavy tails: generous standard error of a variance
+    assert abs(var - (mu**2 + 2)) < Z * se_var
+
+
+def test_score_examples_match_closed_form():
+    d = D.Normal(torch.tensor([0.0, 1.0]), torch.tensor([1.0, 2.0]))
+    x = torch.tensor([[1.0, 3.0], [-1.0, 1.0]])
+    s = gk.score(d, x)
+    assert torch.allclose(s["loc"], (x - d.loc) / d.scale**2)
+    assert torch.allclose(s["scale"], ((x - d.loc) ** 2 - d.scale**2) / d.scale**3)
+
+
+def test_plate_and_coupled_costs_share_the_mean():
+    """Per-element credit (plate) and the summed cost (coupled) estimate the same gradient."""
+    loc = torch.tensor([0.3, -0.4, 1.0])
+    d = D.Normal(loc, torch.ones(3))
+    plate = gk.score_function(lambda x: x**2, d, 60_000)["loc"]
+    coupled = gk.score_function(lambda x: (x**2).sum(-1), d, 60_000)["loc"]
+    exact = 2 * loc
+    for g in (plate, coupled):
+        assert_unbiased({"loc": g}, {"loc": exact})
+    assert torch.all(plate.var(0) < coupled.var(0))  # crediting each element its own cost helps
+
+
+def test_coupled_cost_across_batch_elements():
+    # f = x0 * x1 couples the two elements: d/dmu0 E = mu1, d/dmu1 E = mu0
+    loc = torch.tensor([0.5, 2.0])
+    d = D.Normal(loc, torch.ones(2))
+    f = lambda x: x[..., 0] * x[..., 1]  # noqa: E731
+    assert_unbiased(gk.score_function(f, d, 80_000), {"loc": loc.flip(0), "scale": torch.zeros(2)})
+    assert_unbiased(gk.pathwise(f, d, 20_000), {"loc": loc.flip(0), "scale": torch.zeros(2)})
+
+
+def test_independent_event_shapes():
+    loc = torch.randn(4, 3)
+    d = D.Independent(D.Normal(loc, torch.ones(4, 3)), 1)
+    f = lambda x: (x**2).sum(-1)  # noqa: E731  one value per batch element
+    for est in (gk.score_function, gk.pathwise):
+        g = est(f, d, 30_000)
+        assert g["loc"].shape == (30_000, 4, 3)
+        assert_unbiased(g, {"loc": 2 * loc, "scale": 2 * torch.ones(4, 3)})
+
+
+def test_multivariate_normal_pathwise_and_score():
+    loc = torch.tensor([0.5, -1.0])
+    tril = torch.tensor([[1.0, 0.0], [0.5, 0.8]])
+    d = D.MultivariateNormal(loc, scale_tril=tril)
+    f = lambda x: (x**2).sum(-1)  # noqa: E731
+    # E f = |loc|^2 + tr(L L^T): d/dloc = 2 loc, d/dL = 2 L (lower triangle)
+    exact = {"loc": 2 * loc, "scale_tril": 2 * tril}
+    assert_unbiased(gk.pathwise(f, d, 20_000), exact)
+    g = gk.score_function(f, d, 100_000)
+    assert_unbiased({"loc": g["loc"]}, exact)
+
+
+def test_keeps_dtype():
+    d = D.Normal(torch.tensor([0.0], dtype=torch.float64), torch.tensor([1.0], dtype=torch.float64))
+    for est in (gk.score_function, gk.pathwise):
+        assert est(lambda x: x**2, d, 5)["loc"].dtype == torch.float64
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    mu=st.floats(-3.0, 3.0),
+    sigma=st.floats(0.2, 3.0),
+)
+def test_property_gaussian_quadratic(mu, sigma):
+    """For any N(mu, sigma^2), d/dmu E[x^2] = 2 mu and d/dsigma E[x^2] = 2 sigma."""
+    torch.manual_seed(0)
+    d = D.Normal(torch.tensor(mu), torch.tensor(sigma))
+    exact = {"loc": torch.tensor(2 * mu), "scale": torch.tensor(2 * sigma)}
+    assert_unbiased(gk.pathwise(lambda x: x**2, d, 4_000), exact)
+    assert_unbiased(gk.score_function(lambda x: x**2, d, 20_000), exact)
+
+
+# ------------------------------------------------------------------ gk.expectation
+
+
+def test_expectation_score_function_trains_an_encoder_and_a_decoder():
+    """Encoder weights get the estimator's gradient; tensors inside f get their own gradient."""
+    torch.manual_seed(1)
+    enc = torch.nn.Linear(2, 3)
+    w = torch.tensor([0.5, -1.0, 2.0], requires_grad=True)  # a "decoder" weight inside f
+    inputs = torch.randn(5, 2)
+
+    def f(z):
+        return (w * z).sum(-1)  # one value per sample and batch element: (S, 5)
+
+    def grads(value):
+        enc.zero_grad()
+        w.grad = None
+        value.sum().backward()
+        return torch.cat([enc.weight.grad.flatten(), enc.bias.grad]), w.grad.clone()
+
+    logits = enc(inputs)
+    q = D.Independent(D.Bernoulli(logits=logits), 1)
+    # E f = sum_j w_j sigmoid(logit_j): exact gradients by autograd
+    exact_enc, exact_w = grads((w * torch.sigmoid(enc(inputs))).sum(-1))
+    n = 20_000
+    est_enc, est_w = grads(gk.expectation(f, q, n, estimator="score_function"))
+    p = torch.sigmoid(logits.detach())
+    assert torch.allclose(est_w, p.sum(0), atol=0.05)  # decoder: ordinary gradient E[z]
+    assert torch.allclose(est_enc, exact_enc, atol=0.15)
+    assert torch.allclose(exact_w, p.sum(0))
+
+
+def test_expectation_value_and_gradient_with_baseline():
+    mu = torch.tensor([0.5, 1.0], requires_grad=True)
+    d = D.Normal(mu, 1.0)
+    loo = gk.baselines.LeaveOneOut()
+    value = gk.expectation(lambda x: x**2, d, 50_000, estimator="score_function", baseline=loo)
+    assert value.shape == (2,)
+    assert torch.allclose(value.detach(), mu.detach() ** 2 + 1, atol=0.05)
+    value.sum().backward()
+    assert torch.allclose(mu.grad, 2 * mu.detach(), atol=0.1)
+
+
+def test_expectation_pathwise_general_output_shape():
+    mu = torch.tensor(0.5, requires_grad=True)
+    d = D.Normal(mu, 1.0)
+    value = gk.expectation(lambda x: torch.stack([x, x**2], -1), d, 10)
+    assert value.shape == (2,)
+    value[0].backward()
+    assert torch.allclose(mu.grad, torch.tensor(1.0))
+
+
+def test_expectation_weighted_plate_outputs_get_their_own_gradient():
+    """Upstream weights differ per batch element: each output differentiates only its own θ_b."""
+    mu = torch.tensor([0.5, -1.0], requires_grad=True)
+    d = D.Normal(mu, torch.ones(2))
+    n, weights = 100_000, torch.tensor([1.0, 10.0])
+    value = gk.expectation(lambda x: x**2, d, n, estimator="score_function")
+    (value * weights).sum().backward()
+    se = gk.score_function(lambda x: x**2, d, n)["loc"].std(0) / math.sqrt(n)
+    assert torch.all((mu.grad - weights * 2 * mu.detach()).abs() < Z * weights * se)
+
+
+def test_expectation_errors():
+    d = D.Normal(torch.zeros(2), torch.ones(2))
+    with pytest.raises(ValueError, match="unknown estimator"):
+        gk.expectation(lambda x: x, d, 3, estimator="reinforce")
+    with pytest.raises(TypeError, match="takes options"):
+        gk.expectation(lambda x: x, d, 3, estimator="pathwise", baseline=1.0)
+    with pytest.raises(ValueError, match="needs f to return shape"):
+        gk.expectation(lambda x: torch.stack([x, x], -1), d, 3, estimator="score_function")
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_pathwise_needs_rsample():
+    with pytest.raises(ValueError, match="has no rsample"):
+        gk.pathwise(lambda x: x, D.Bernoulli(probs=torch.tensor(0.3)), 10)
+    with pytest.raises(ValueError, match="has no rsample"):
+        gk.expectation(lambda x: x, D.Poisson(torch.tensor(1.0)), 10)
+
+
+@pytest.mark.parametrize("n", [0, -3])
+def test_num_samples_must_be_positive(n):
+    d = D.Normal(0.0, 1.0)
+    for est in (gk.score_function, gk.pathwise):
+        with pytest.raises(ValueError, match="at least 1"):
+            est(lambda x: x, d, n)
+
+
+@pytest.mark.parametrize("n", [2.0, True, "10"])
+def test_num_samples_must_be_an_int(n):
+    with pytest.raises(TypeError, match="num_samples must be a Python int"):
+        gk.score_function(lambda x: x, D.Normal(0.0, 1.0), n)
+
+
+def test_wrong_output_shape_from_f():
+    d = D.Normal(torch.zeros(3), torch.ones(3))
+    for est in (gk.score_function, gk.pathwise):
+        with pytest.raises(ValueError, match="one value per sample"):
+            est(lambda x: x.mean(0), d, 10)  # reduced over samples
+    with pytest.raises(TypeError, match="must return a torch.Tensor"):
+        gk.score_function(lambda x: 1.0, d, 10)
+    with pytest.raises(TypeError, match="f must be callable"):
+        gk.score_function("x**2", d, 10)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_nan_or_inf_in_f(bad):
+    d = D.Normal(torch.zeros(3), torch.ones(3))
+    f = lambda x: torch.where(x > 0, torch.full_like(x, bad), x)  # noqa: E731
+    for est in (gk.score_function, gk.pathwise):
+        with pytest.raises(ValueError, match="NaN or inf"):
+            est(f, d, 20)
+
+
+def test_not_a_distribution():
+    with pytest.raises(TypeError, match="torch.distributions.Distribution"):
+        gk.score_function(lambda x: x, torch.zeros(3), 10)
+
+
+def test_integer_parameters_are_refused():
+    d = D.Poisson(torch.tensor([1, 2]), validate_args=False)
+    with pytest.raises(TypeError, match="floating-point parameters"):
+        gk.score_function(lambda x: x, d, 10)
+
+
+def test_score_function_refuses_support_parameters():
+    d = D.Uniform(torch.tensor(0.0), torch.tensor(2.0))
+    with pytest.raises(ValueError, match="move the support"):
+        gk.score_function(lambda x: x, d, 10)
+
+
+def test_parameter_names_follow_construction():
+    logits = torch.tensor([0.1, 0.2])
+    d = D.Bernoulli(logits=logits)
+    _ = d.probs  # torch caches the derived alternative; the estimator must still use logits
+    assert set(gk.score_function(lambda x: x, d, 4)) == {"logits"}
+    assert set(gk.score_function(lambda x: x, D.Bernoulli(probs=torch.tensor(0.3)), 4)) == {"probs"}
+    assert sorted(gk.distributions.parameters(D.Binomial(10, probs=torch.tensor(0.3)))) == ["probs"]
