@@ -42,6 +42,7 @@ __all__ = [
     "execute_all",
     "execute_chapter",
     "pick_device",
+    "provenance_records",
     "seed_everything",
 ]
 
@@ -174,6 +175,27 @@ class Context:
         table.to_csv(path, index=True)
         self._write_provenance(name, [path], kind="table", **extra)
         return path
+
+
+def provenance_records(figures_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """One row per figure or table under ``figures_dir``: name, chapter, scale, seed, device,
+    commit and the chapter's elapsed wall time when the file was written."""
+    rows = []
+    for path in sorted(Path(figures_dir).glob("*/*.json")):
+        record = json.loads(path.read_text())
+        rows.append(
+            {
+                "chapter": record.get("chapter"),
+                "name": path.stem,
+                "kind": record.get("kind"),
+                "scale": record.get("parameters", {}).get("scale"),
+                "seed": record.get("seed"),
+                "device": record.get("device"),
+                "git_commit": str(record.get("git_commit", ""))[:12],
+                "elapsed_s": record.get("wall_time_s"),
+            }
+        )
+    return rows
 
 
 class ChapterError(RuntimeError):
