@@ -251,7 +251,8 @@ def measure_valued(
     coordinate that :math:`\theta_i` governs, which is drawn from :math:`p^\pm_i`. ``f`` need
     not be differentiable. With ``coupling=True`` the two draws share their randomness (and
     the other coordinates), which lowers the variance. The weak derivatives come from the
-    registry in :mod:`gradkit.weak_derivatives` (see :func:`~gradkit.register_weak_derivative`).
+    registry in :mod:`gradkit.weak_derivatives` (add one with
+    :func:`~gradkit.weak_derivatives.register_weak_derivative`).
 
     Cost: two evaluations of ``f`` per parameter coordinate and sample; in the plate case
     (``f`` returns ``(S, *batch_shape)``) one coordinate is perturbed for the whole batch at
