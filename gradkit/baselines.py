@@ -53,7 +53,24 @@ class Baseline(abc.ABC):
     def __call__(self, signal: Tensor, scores: Mapping[str, Tensor]) -> Tensor | dict[str, Tensor]:
         b = self.value(signal, scores)
         if isinstance(b, dict):
-            return {name: b[name].detach().expand_as(scores[name]) for name in scores}
+            missing = sorted(set(scores) - set(b))
+            if missing:
+                raise ValueError(
+                    f"{type(self).__name__} returned per-parameter baselines without "
+                    f"{missing}; return one tensor for each of {sorted(scores)}"
+                )
+            out = {}
+            for name, s in scores.items():
+                value = torch.as_tensor(b[name], dtype=s.dtype, device=s.device).detach()
+                try:
+                    out[name] = value.expand_as(s)
+                except RuntimeError:
+                    raise ValueError(
+                        f"{type(self).__name__} returned a baseline of shape "
+                        f"{tuple(value.shape)} for parameter {name!r}, which does not "
+                        f"broadcast to its per-sample scores' shape {tuple(s.shape)}"
+                    ) from None
+            return out
         b = torch.as_tensor(b, dtype=signal.dtype, device=signal.device).detach()
         try:
             return b.expand_as(signal)
@@ -81,7 +98,8 @@ class Constant(Baseline):
         if not isinstance(value, (int, float, Tensor)) or isinstance(value, bool):
             raise TypeError(
                 f"a constant baseline must be a number or a tensor, got {type(value).__name__}; "
-                "pass a gradkit.baselines.Baseline instance for adaptive baselines"
+                "pass a gradkit.baselines.Baseline instance for adaptive baselines, and for a "
+                "LearnedBaseline its prediction, learned(inputs)"
             )
         self.constant = value
 
@@ -114,8 +132,11 @@ class ExponentialMovingAverage(Baseline):
     """
 
     def __init__(self, decay: float = 0.9, per_element: bool = False) -> None:
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"decay must be in [0, 1), got {decay}")
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:
+            raise ValueError(
+                f"decay must be a number in [0, 1), got {decay!r}; values near 1 (e.g. 0.9) "
+                "average over more past steps"
+            )
         self.decay = decay
         self.per_element = per_element
         self.average: Tensor | None = None
@@ -159,7 +180,8 @@ class OptimalConstant(Baseline):
     For the estimate :math:`(f - b)\,s` of a scalar parameter with score :math:`s`, the
     variance is minimised by :math:`b^\star = \mathbb{E}[s^2 f] / \mathbb{E}[s^2]`
     (Greensmith et al. 2004; Mohamed et al. 2020, §7.4). It needs each sample's own score,
-    which :func:`gradkit.score` computes with ``torch.func``. To keep the estimate unbiased,
+    which :func:`gradkit.estimators.score` computes with ``torch.func``. To keep the estimate
+    unbiased,
     sample :math:`s` uses :math:`b^\star` estimated from the other samples (leave-one-out).
     Needs ``S >= 2``.
     """

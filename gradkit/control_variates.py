@@ -5,17 +5,28 @@ A control variate is a term with known expectation subtracted from an estimator 
 case :math:`b\,\nabla_\theta\log p`. A :class:`ControlVariate` is more general: it receives the
 per-sample estimates and returns corrected ones. Pass one as
 ``gk.score_function(..., baseline=cv)``.
+
+:class:`DeltaMethod` builds the control variate from a second-order Taylor expansion of the
+cost at the mean of the distribution (Paisley, Blei and Jordan 2012): a quadratic whose
+expectation, and the gradient of that expectation, are known in closed form from the mean and
+covariance of the distribution.
 """
 
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 from torch.distributions import Distribution
+from torch.func import grad, grad_and_value, jacfwd
 
-__all__ = ["ControlVariate"]
+from gradkit.distributions import base_distribution, parameters, rebuild
+
+__all__ = ["ControlVariate", "DeltaMethod", "QuadraticExpansion"]
 
 
 class ControlVariate(abc.ABC):
@@ -41,3 +52,274 @@ class ControlVariate(abc.ABC):
             scores: per-sample scores, ``(S, *param.shape)`` each.
             estimates: the plain per-sample estimates ``signal * score``.
         """
+
+
+def _moments(dist: Distribution, shape: torch.Size) -> tuple[Tensor, Tensor, bool]:
+    """Mean ``(D,)`` and covariance of a sample flattened to ``D`` coordinates.
+
+    Returns ``(mean, cov, diagonal)``: ``cov`` is the variance ``(D,)`` when the coordinates
+    are independent (a univariate distribution, possibly wrapped in ``Independent``), else the
+    ``(N, k, k)`` covariance blocks of ``N`` independent ``k``-dimensional events.
+    """
+    base, _ = base_distribution(dist)
+    name = type(base).__name__
+    try:
+        mean = dist.mean.expand(shape).reshape(-1)
+        if base.event_shape == torch.Size():
+            cov = dist.variance.expand(shape).reshape(-1)
+            diagonal = True
+        elif len(base.event_shape) == 1 and hasattr(type(base), "covariance_matrix"):
+            k = base.event_shape[0]
+            cov = base.covariance_matrix.expand(*base.batch_shape, k, k).reshape(-1, k, k)
+            diagonal = False
+        else:
+            raise ValueError(
+                f"the delta method needs the covariance of {name}, whose event coordinates "
+                "are dependent and which has no covariance_matrix; use a univariate "
+                "distribution (wrapped in Independent for vector events) or a "
+                "MultivariateNormal, or a baseline from gradkit.baselines"
+            )
+    except NotImplementedError:
+        raise ValueError(
+            f"the delta method needs the mean and variance of {name}, which torch does not "
+            "implement for it; use a baseline from gradkit.baselines instead"
+        ) from None
+    return mean, cov, diagonal
+
+
+@dataclass(frozen=True)
+class QuadraticExpansion:
+    r"""A second-order Taylor expansion of a scalar cost around a point :math:`\mu_0`.
+
+    .. math::
+        \tilde f(x) = f(\mu_0) + \nabla f(\mu_0)^\top (x - \mu_0)
+        + \tfrac12 (x - \mu_0)^\top H (x - \mu_0), \qquad H = \nabla^2 f(\mu_0),
+
+    with :math:`x` flattened to :math:`D` coordinates. Under a distribution with mean
+    :math:`m` and covariance :math:`C`,
+
+    .. math::
+        \mathbb{E}[\tilde f] = f(\mu_0) + \nabla f(\mu_0)^\top (m - \mu_0)
+        + \tfrac12\big[(m - \mu_0)^\top H (m - \mu_0) + \operatorname{tr}(H C)\big].
+
+    Built by :meth:`DeltaMethod.expand` (Paisley, Blei and Jordan 2012).
+
+    Attributes:
+        point: :math:`\mu_0`, shape ``(D,)``.
+        value: :math:`f(\mu_0)`, a 0-dim tensor.
+        gradient: :math:`\nabla f(\mu_0)`, shape ``(D,)``.
+        hessian: :math:`H`, shape ``(D, D)``.
+        shape: the shape of one sample, ``batch_shape + event_shape``.
+
+    Example:
+        >>> import torch, gradkit as gk
+        >>> d = torch.distributions.Normal(torch.tensor(1.0), torch.tensor(2.0))
+        >>> q = gk.control_variates.DeltaMethod.expand(lambda x: x**2, d)
+        >>> q(torch.tensor([0.0, 3.0]))  # a quadratic is its own expansion
+        tensor([0., 9.])
+        >>> q.expectation(d)  # mu^2 + sigma^2
+        tensor(5.)
+    """
+
+    point: Tensor
+    value: Tensor
+    gradient: Tensor
+    hessian: Tensor
+    shape: torch.Size
+
+    def __call__(self, x: Tensor) -> Tensor:
+        r""":math:`\tilde f(x)` for samples ``x`` of shape ``(S, *shape)``; returns ``(S,)``."""
+        delta = x.reshape(x.shape[0], -1).to(self.point.dtype) - self.point
+        return self.value + delta @ self.gradient + 0.5 * ((delta @ self.hessian) * delta).sum(-1)
+
+    def expectation(self, dist: Distribution) -> Tensor:
+        r""":math:`\mathbb{E}_{x\sim\mathrm{dist}}[\tilde f(x)]` in closed form (differentiable).
+
+        Raises:
+            ValueError: if ``dist`` has no usable mean and covariance, or samples of another
+                shape than the expansion.
+        """
+        full = dist.batch_shape + dist.event_shape
+        if full != self.shape:
+            raise ValueError(
+                f"the expansion is for samples of shape {tuple(self.shape)}, but the "
+                f"distribution draws shape {tuple(full)}; expand around this distribution"
+            )
+        mean, cov, diagonal = _moments(dist, full)
+        delta = mean - self.point
+        if diagonal:
+            trace = (torch.diagonal(self.hessian) * cov).sum()
+        else:
+            n, k, _ = cov.shape
+            blocks = torch.diagonal(self.hessian.reshape(n, k, n, k), dim1=0, dim2=2)
+            trace = (blocks.permute(2, 0, 1) * cov.transpose(-1, -2)).sum()
+        quadratic = delta @ self.hessian @ delta
+        return self.value + delta @ self.gradient + 0.5 * (quadratic + trace)
+
+
+def _loo_coefficient(g: Tensor, h: Tensor) -> Tensor:
+    """Per-sample, per-element ``Cov(g, h) / Var(h)`` over the *other* samples (dim 0)."""
+    n = g.shape[0] - 1
+    g = g - g.mean(0)  # covariances are shift-invariant; centring avoids cancellation
+    h = h - h.mean(0)
+    sum_g = g.sum(0) - g
+    sum_h = h.sum(0) - h
+    cov = (g * h).sum(0) - g * h - sum_g * sum_h / n
+    var = (h * h).sum(0) - h * h - sum_h * sum_h / n
+    return torch.where(var > 0, cov / var.clamp_min(torch.finfo(var.dtype).tiny), 0.0)
+
+
+class DeltaMethod(ControlVariate):
+    r"""The delta-method control variate: a Taylor expansion of ``f`` at the mean.
+
+    With :math:`\tilde f` the second-order expansion of ``f`` at :math:`\mu_0 =
+    \mathbb{E}[x]` (see :class:`QuadraticExpansion`), the term
+    :math:`h_s = \tilde f(x_s)\,\nabla_\theta \log p(x_s;\theta) - \nabla_\theta
+    \mathbb{E}_{p(x;\theta)}[\tilde f]` has mean zero, and the corrected estimate is
+
+    .. math::
+        \hat g_s - \beta\, h_s, \qquad \hat g_s = f(x_s)\,\nabla_\theta \log p(x_s;\theta)
+
+    (Paisley, Blei and Jordan 2012; Mohamed et al. 2020, §7.2). The gradient of
+    :math:`\mathbb{E}[\tilde f]` comes from autograd through the distribution's mean and
+    (co)variance as functions of its parameters, with the expansion point held fixed. For a
+    quadratic ``f`` the expansion is exact, and with :math:`\beta = 1` every per-sample estimate
+    equals the true gradient.
+
+    By default :math:`\beta` is estimated per parameter element as
+    :math:`\mathrm{Cov}(\hat g, h)/\mathrm{Var}(h)` from the *other* samples (leave-one-out),
+    so it is independent of sample :math:`s` and the estimator stays unbiased; this needs
+    ``num_samples >= 3``. A fixed ``coefficient`` needs one sample.
+
+    Requirements: ``f`` twice differentiable in ``x`` by autograd, returning one value per
+    sample, ``(S,)`` or ``(S, *T)`` summed over ``T`` (not the per-batch-element plate signal);
+    real-valued samples; a distribution whose ``mean`` and ``variance`` torch implements
+    (univariate, optionally in ``Independent``) or a ``MultivariateNormal``. The Hessian has
+    :math:`D^2` entries for :math:`D` sample coordinates.
+
+    Args:
+        coefficient: a fixed :math:`\beta`, or ``None`` to estimate it.
+
+    Raises:
+        TypeError: for a coefficient that is not a real number.
+
+    Example:
+        >>> import torch, gradkit as gk
+        >>> d = torch.distributions.Normal(torch.tensor(1.0), torch.tensor(2.0))
+        >>> cv = gk.control_variates.DeltaMethod(coefficient=1.0)
+        >>> g = gk.score_function(lambda x: x**2, d, 4, baseline=cv)
+        >>> g["loc"].round(decimals=5), g["scale"].round(decimals=5)  # 2 mu and 2 sigma, exactly
+        (tensor([2., 2., 2., 2.]), tensor([4., 4., 4., 4.]))
+    """
+
+    def __init__(self, coefficient: float | None = None) -> None:
+        if coefficient is not None and (
+            isinstance(coefficient, bool)
+            or not isinstance(coefficient, (int, float))
+            or not math.isfinite(coefficient)
+        ):
+            raise TypeError(
+                f"coefficient must be a finite real number or None (estimate it), got "
+                f"{coefficient!r}; e.g. DeltaMethod(coefficient=1.0)"
+            )
+        self.coefficient = coefficient
+
+    @staticmethod
+    def expand(f: Callable[[Tensor], Tensor], dist: Distribution) -> QuadraticExpansion:
+        r"""Second-order Taylor expansion of ``f`` (summed over its outputs) at ``dist.mean``.
+
+        Gradient and Hessian come from ``torch.func`` on the flattened sample.
+
+        Args:
+            f: cost, samples ``(S, *batch, *event)`` -> ``(S, *T)``.
+            dist: the distribution whose mean is the expansion point.
+
+        Returns:
+            the :class:`QuadraticExpansion`, detached from any autograd graph.
+
+        Raises:
+            ValueError: if autograd cannot differentiate ``f`` twice, or the value, gradient or
+                Hessian is not finite, or the distribution has no usable mean.
+        """
+        shape = dist.batch_shape + dist.event_shape
+        # A fresh copy: reading dist.mean could cache lazily derived parameters on dist itself.
+        fresh = rebuild(dist, {name: p.detach() for name, p in parameters(dist).items()})
+        point = _moments(fresh, shape)[0].detach()
+        if not bool(torch.isfinite(point).all()):
+            raise ValueError(
+                f"the delta method expands f at the mean, but the mean of {type(dist).__name__} "
+                "is not finite; use a baseline from gradkit.baselines"
+            )
+
+        def total(z: Tensor) -> Tensor:
+            return f(z.reshape(1, *shape)).sum()
+
+        def gradient(z: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+            g, value = grad_and_value(total)(z)
+            return g, (g, value)
+
+        try:  # value, gradient and Hessian in one forward-over-reverse pass
+            hess, (grad_point, value) = jacfwd(gradient, has_aux=True)(point)
+        except (RuntimeError, TypeError) as error:
+            raise ValueError(
+                "the delta method needs f to be twice differentiable in x by torch autograd "
+                "(torch operations only, no .item(), .numpy() or in-place writes to x, and "
+                f"broadcasting over a leading sample dimension); differentiating f failed: "
+                f"{error}. Use a baseline from gradkit.baselines for such f"
+            ) from error
+        value, grad_point, hess = value.detach(), grad_point.detach(), hess.detach()
+        parts = {"value": value, "gradient": grad_point, "Hessian": hess}
+        bad = [name for name, part in parts.items() if not bool(torch.isfinite(part).all())]
+        if bad:
+            raise ValueError(
+                f"the Taylor expansion of f at the mean has non-finite {', '.join(bad)}; f must "
+                "be finite and twice differentiable at dist.mean (e.g. no log at 0 there)"
+            )
+        return QuadraticExpansion(point, value, grad_point, hess, shape)
+
+    def adjust(
+        self,
+        f: Callable[[Tensor], Tensor],
+        dist: Distribution,
+        x: Tensor,
+        signal: Tensor,
+        scores: Mapping[str, Tensor],
+        estimates: dict[str, Tensor],
+    ) -> dict[str, Tensor]:
+        """Subtract :math:`\\beta h_s` from each per-sample estimate (see the class docstring).
+
+        Raises:
+            ValueError: for a per-batch-element signal, too few samples to estimate the
+                coefficient, or an ``f`` the expansion cannot handle.
+            TypeError: for integer-valued samples.
+        """
+        if signal.dim() != 1:
+            raise ValueError(
+                f"the delta method works on one summed learning signal of shape (S,), got "
+                f"one per batch element, shape {tuple(signal.shape)}; return f(x) summed "
+                "over the batch, shape (S,), or use a baseline from gradkit.baselines"
+            )
+        if not x.is_floating_point():
+            raise TypeError(
+                f"the delta method expands f in x, but {type(dist).__name__} draws "
+                f"{x.dtype} samples; use it for real-valued samples (Bernoulli is fine), or a "
+                "baseline from gradkit.baselines"
+            )
+        num_samples = x.shape[0]
+        if self.coefficient is None and num_samples < 3:
+            raise ValueError(
+                f"the delta method estimates its coefficient from the other samples and needs "
+                f"at least 3 samples, got num_samples={num_samples}; draw more samples or fix "
+                "it, e.g. DeltaMethod(coefficient=1.0)"
+            )
+        expansion = self.expand(f, dist)
+        params = {name: p.detach() for name, p in parameters(dist).items()}
+        expected = grad(lambda p: expansion.expectation(rebuild(dist, p)))(params)
+        surrogate = expansion(x.detach()).to(signal.dtype)
+        out = {}
+        for name, s in scores.items():
+            h = surrogate.reshape(-1, *([1] * (s.dim() - 1))) * s - expected[name]
+            g = estimates[name]
+            beta = _loo_coefficient(g, h) if self.coefficient is None else self.coefficient
+            out[name] = g - beta * h
+        return out

@@ -18,7 +18,13 @@ import math
 
 import torch
 from torch import Tensor
-from torch.distributions import Distribution, Gamma, Independent, constraints
+from torch.distributions import (
+    Distribution,
+    Gamma,
+    Independent,
+    TransformedDistribution,
+    constraints,
+)
 from torch.distributions.utils import broadcast_all, lazy_property
 
 __all__ = [
@@ -52,8 +58,13 @@ def _is_alternative(cls: type, name: str) -> bool:
 
 def _constructor_parameters(base: Distribution) -> dict[str, Tensor]:
     """The parameter tensors ``base`` was built from, in ``arg_constraints`` order."""
+    names = list(base.arg_constraints)
+    if isinstance(base, TransformedDistribution) and not any(n in vars(base) for n in names):
+        # LogNormal, RelaxedBernoulli, ...: the parameters live in the base distribution
+        inner = _constructor_parameters(base_distribution(base.base_dist)[0])
+        return {name: value for name, value in inner.items() if name in names}
     present = {}
-    for name in base.arg_constraints:
+    for name in names:
         if name in vars(base):
             present[name] = vars(base)[name]
         elif not _is_alternative(type(base), name) and hasattr(base, name):
@@ -62,8 +73,10 @@ def _constructor_parameters(base: Distribution) -> dict[str, Tensor]:
     if len(alternatives) > 1:
         # torch caches the lazily derived alternative on first access (dist.logits after
         # Bernoulli(probs=...)); the one the distribution was built from is stored as _param.
+        # Without _param (MultivariateNormal) prefer scale_tril, which torch keeps internally.
         chosen = getattr(base, "_param", None)
-        keep = [name for name in alternatives if present[name] is chosen] or alternatives[:1]
+        keep = [name for name in alternatives if present[name] is chosen]
+        keep = keep or [n for n in alternatives if n == "scale_tril"] or alternatives[:1]
         for name in alternatives:
             if name not in keep:
                 del present[name]

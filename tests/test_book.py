@@ -18,6 +18,10 @@ from gradkit import book
 ROOT = Path(__file__).resolve().parent.parent
 CHAPTERS = book.chapter_files(ROOT)
 
+# Under pytest-xdist (--dist loadgroup) the chapter, book and browser tests share one worker,
+# so the chapters execute once, while the library tests run on the other workers.
+pytestmark = pytest.mark.xdist_group("book")
+
 
 @pytest.fixture(scope="session")
 def build_dir(tmp_path_factory):

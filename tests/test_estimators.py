@@ -350,3 +350,13 @@ def test_parameter_names_follow_construction():
     assert set(gk.score_function(lambda x: x, d, 4)) == {"logits"}
     assert set(gk.score_function(lambda x: x, D.Bernoulli(probs=torch.tensor(0.3)), 4)) == {"probs"}
     assert sorted(gk.distributions.parameters(D.Binomial(10, probs=torch.tensor(0.3)))) == ["probs"]
+
+
+def test_parameters_of_transformed_and_multivariate_distributions():
+    relaxed = D.RelaxedBernoulli(torch.tensor(0.5), logits=torch.tensor([0.3, -0.1]))
+    assert list(gk.distributions.parameters(relaxed)) == ["logits"]
+    assert gk.pathwise(lambda x: x, relaxed, 3)["logits"].shape == (3, 2)
+    assert list(gk.distributions.parameters(D.LogNormal(0.0, 1.0))) == ["loc", "scale"]
+    mvn = D.MultivariateNormal(torch.zeros(2), scale_tril=torch.eye(2))
+    _ = mvn.covariance_matrix  # cached alternative: the estimators still use scale_tril
+    assert list(gk.pathwise(lambda x: x.sum(-1), mvn, 3)) == ["loc", "scale_tril"]

@@ -1,0 +1,388 @@
+r"""Diagnostics: how good is a gradient estimator?
+
+Run an estimator (possibly several times), pool its per-sample estimates and report, per
+parameter element, the mean, the per-sample variance, the variance of the ``num_samples``-mean
+(what one call of the estimator delivers), the standard error of the pooled mean and, when an
+exact gradient is known (closed form, quadrature or enumeration), the bias and its z-score
+(Mohamed et al. 2020, §3, compare estimators this way).
+
+For gradients of whole networks (an encoder trained with a score-function estimator),
+:func:`repeated_gradients` collects the gradient over repeated estimates and
+:func:`gradient_variance` reduces them to one number, the total variance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.distributions import Distribution
+
+from gradkit import _checks
+
+__all__ = [
+    "GradientSummary",
+    "gradient_moments",
+    "gradient_variance",
+    "repeated_gradients",
+    "summarize",
+]
+
+Exact = Mapping[str, Tensor | float] | None
+
+
+@dataclass(frozen=True)
+class GradientSummary:
+    r"""Moments of per-sample gradient estimates of one parameter, pooled over all draws.
+
+    With :math:`n` pooled per-sample estimates :math:`\hat g_i` from calls of ``num_samples``
+    samples each:
+
+    .. math::
+        \bar g = \frac1n \sum_i \hat g_i, \qquad
+        v = \frac{1}{n-1} \sum_i (\hat g_i - \bar g)^2, \qquad
+        \mathrm{SE} = \sqrt{v / n}, \qquad z = (\bar g - g^\star)/\mathrm{SE}.
+
+    Samples are treated as independent; estimators whose per-sample estimates share a
+    leave-one-out baseline are weakly dependent, by :math:`O(1/S)`.
+
+    Attributes:
+        mean: :math:`\bar g`, shaped like the parameter.
+        variance: per-sample variance :math:`v`.
+        variance_of_mean: :math:`v/\mathrm{num\_samples}`, the variance of one call's mean.
+        standard_error: :math:`\mathrm{SE}` of the pooled mean.
+        count: :math:`n` = ``num_samples * repeats``.
+        num_samples: samples per estimator call.
+        exact: the exact gradient :math:`g^\star`, or ``None``.
+
+    Example:
+        >>> import torch, gradkit as gk
+        >>> s = gk.diagnostics.summarize({"loc": torch.tensor([1.0, 2.0, 3.0])}, exact={"loc": 2})
+        >>> s["loc"].mean, s["loc"].variance, s["loc"].z_score, s["loc"].within(4)
+        (tensor(2.), tensor(1.), tensor(0.), True)
+    """
+
+    mean: Tensor
+    variance: Tensor
+    variance_of_mean: Tensor
+    standard_error: Tensor
+    count: int
+    num_samples: int
+    exact: Tensor | None = None
+
+    @property
+    def bias(self) -> Tensor | None:
+        r""":math:`\bar g - g^\star`, or ``None`` without an exact value."""
+        return None if self.exact is None else self.mean - self.exact
+
+    @property
+    def z_score(self) -> Tensor | None:
+        r""":math:`(\bar g - g^\star)/\mathrm{SE}`; ``0`` or ``±inf`` where the SE is zero."""
+        bias = self.bias
+        if bias is None:
+            return None
+        se = self.standard_error
+        exact_zero = torch.where(
+            bias == 0, 0.0, torch.copysign(torch.full_like(bias, torch.inf), bias)
+        )
+        return torch.where(se > 0, bias / se.clamp_min(torch.finfo(se.dtype).tiny), exact_zero)
+
+    def within(self, k: float = 4.0, *, atol: float | None = None) -> bool:
+        r"""Whether :math:`|\bar g - g^\star| \le k\,\mathrm{SE} + \mathrm{atol}` everywhere.
+
+        Args:
+            k: number of standard errors allowed.
+            atol: absolute slack for rounding, by default
+                :math:`100\,\epsilon_{\mathrm{dtype}}(1 + |g^\star|)`; it matters only for
+                estimators that are exact up to rounding (zero variance).
+
+        Raises:
+            ValueError: without an exact value to compare with.
+        """
+        bias = self.bias
+        if bias is None:
+            raise ValueError(
+                "this summary has no exact value to compare with; pass exact={name: value} "
+                "to gradient_moments or summarize"
+            )
+        slack = (
+            100 * torch.finfo(self.mean.dtype).eps * (1 + self.exact.abs())
+            if atol is None
+            else torch.as_tensor(atol, dtype=self.mean.dtype, device=self.mean.device)
+        )
+        return bool((bias.abs() <= k * self.standard_error + slack).all())
+
+
+def _moments(estimates: Tensor) -> tuple[int, Tensor, Tensor]:
+    """Count, mean and sum of squared deviations over dim 0 (in at least float32)."""
+    values = estimates.detach()
+    if not values.is_floating_point():
+        values = values.to(torch.get_default_dtype())
+    mean = values.mean(0)
+    return values.shape[0], mean, (values - mean).pow(2).sum(0)
+
+
+def _merge(a: tuple[int, Tensor, Tensor], b: tuple[int, Tensor, Tensor]) -> tuple:
+    """Pool two (count, mean, squared deviations) triples (Chan, Golub and LeVeque 1983)."""
+    (na, ma, sa), (nb, mb, sb) = a, b
+    n = na + nb
+    delta = mb - ma
+    return n, ma + delta * (nb / n), sa + sb + delta.pow(2) * (na * nb / n)
+
+
+def _check_estimates(estimates: object, where: str) -> Mapping[str, Tensor]:
+    if not isinstance(estimates, Mapping) or not all(
+        isinstance(v, Tensor) and v.dim() >= 1 for v in estimates.values()
+    ):
+        raise TypeError(
+            f"{where} must be a dict {{parameter name: tensor (num_samples, *param.shape)}}, "
+            f"as gk.score_function / gk.pathwise / gk.measure_valued return, got "
+            f"{type(estimates).__name__}"
+        )
+    return estimates
+
+
+def _exact_for(exact: Exact, names: list[str], means: dict[str, Tensor]) -> dict[str, Tensor]:
+    if exact is None:
+        return {}
+    if not isinstance(exact, Mapping):
+        raise TypeError(
+            f"exact must be a dict {{parameter name: value}}, got {type(exact).__name__}; "
+            "e.g. exact={'loc': 2.0}"
+        )
+    unknown = sorted(set(exact) - set(names))
+    if unknown:
+        raise ValueError(f"exact has unknown parameter(s) {unknown}; the estimates have {names}")
+    out = {}
+    for name, value in exact.items():
+        mean = means[name]
+        value = torch.as_tensor(value, dtype=mean.dtype, device=mean.device)
+        try:
+            out[name] = value.expand_as(mean)
+        except RuntimeError:
+            raise ValueError(
+                f"exact[{name!r}] has shape {tuple(value.shape)}, which does not broadcast to "
+                f"the parameter's shape {tuple(mean.shape)}"
+            ) from None
+    return out
+
+
+def _summaries(pooled: dict[str, tuple], num_samples: int, exact: Exact) -> dict:
+    exact_values = _exact_for(exact, list(pooled), {k: v[1] for k, v in pooled.items()})
+    out = {}
+    for name, (count, mean, squares) in pooled.items():
+        variance = squares / (count - 1)
+        out[name] = GradientSummary(
+            mean=mean,
+            variance=variance,
+            variance_of_mean=variance / num_samples,
+            standard_error=(variance / count).sqrt(),
+            count=count,
+            num_samples=num_samples,
+            exact=exact_values.get(name),
+        )
+    return out
+
+
+def summarize(
+    estimates: Mapping[str, Tensor], exact: Exact = None, *, num_samples: int | None = None
+) -> dict[str, GradientSummary]:
+    r"""Summarise per-sample gradient estimates already computed.
+
+    Args:
+        estimates: dict name -> per-sample estimates ``(n, *param.shape)``, ``n >= 2``.
+        exact: optional dict name -> exact gradient (broadcastable to ``param.shape``); names
+            left out get no comparison.
+        num_samples: samples per estimator call, for ``variance_of_mean``; default ``n``.
+
+    Returns:
+        dict name -> :class:`GradientSummary`.
+
+    Raises:
+        TypeError: if ``estimates`` is not a dict of tensors, or ``exact`` not a dict.
+        ValueError: for fewer than 2 estimates, a bad ``num_samples``, or an ``exact`` with
+            unknown names or shapes that do not broadcast.
+
+    Example:
+        >>> import torch, gradkit as gk
+        >>> s = gk.diagnostics.summarize({"p": torch.tensor([[0.0], [2.0]])})
+        >>> s["p"].mean, s["p"].standard_error
+        (tensor([1.]), tensor([1.]))
+    """
+    estimates = _check_estimates(estimates, "estimates")
+    counts = {name: v.shape[0] for name, v in estimates.items()}
+    if not counts or min(counts.values()) < 2:
+        raise ValueError(
+            f"summarize needs at least 2 estimates per parameter to measure a variance, got "
+            f"{counts}; draw more samples"
+        )
+    n = max(counts.values())
+    if num_samples is None:
+        num_samples = n
+    _checks.check_num_samples(num_samples)
+    if num_samples > n:
+        raise ValueError(f"num_samples={num_samples} exceeds the {n} estimates given")
+    return _summaries({k: _moments(v) for k, v in estimates.items()}, num_samples, exact)
+
+
+def gradient_moments(
+    estimator: str | Callable[..., dict[str, Tensor]],
+    f: Callable[[Tensor], Tensor],
+    dist: Distribution,
+    num_samples: int,
+    *,
+    repeats: int = 1,
+    exact: Exact = None,
+    **options: Any,
+) -> dict[str, GradientSummary]:
+    r"""Run a gradient estimator ``repeats`` times and summarise the pooled estimates.
+
+    Each run is one vectorised call ``estimator(f, dist, num_samples, **options)``; the runs'
+    moments are pooled as they come (memory does not grow with ``repeats``). Stateful options,
+    such as an :class:`~gradkit.baselines.ExponentialMovingAverage` baseline, carry their state
+    from one run to the next.
+
+    Args:
+        estimator: a callable like :func:`gradkit.score_function`, or its name in
+            ``gk.ESTIMATORS``.
+        f: cost, as the estimator takes it.
+        dist: the distribution.
+        num_samples: samples per call.
+        repeats: number of calls.
+        exact: optional dict name -> exact gradient, to get bias and z-scores.
+        **options: passed to the estimator (``baseline=``, ``coupling=``).
+
+    Returns:
+        dict name -> :class:`GradientSummary` with ``count = num_samples * repeats``.
+
+    Raises:
+        ValueError: for an unknown estimator name, fewer than 2 estimates in all, or a bad
+            ``exact``; TypeError for a non-callable estimator or one that returns no dict.
+
+    Example:
+        >>> import torch, gradkit as gk
+        >>> d = torch.distributions.Normal(torch.tensor(1.0), torch.tensor(1.0))
+        >>> s = gk.diagnostics.gradient_moments("pathwise", lambda x: 3 * x, d, 4, repeats=2)
+        >>> s["loc"].mean, s["loc"].variance, s["loc"].count
+        (tensor(3.), tensor(0.), 8)
+    """
+    from gradkit.estimators import ESTIMATORS
+
+    if isinstance(estimator, str):
+        if estimator not in ESTIMATORS:
+            raise ValueError(
+                f"unknown estimator {estimator!r}; choose one of {sorted(ESTIMATORS)} or pass "
+                "a callable"
+            )
+        estimator = ESTIMATORS[estimator]
+    if not callable(estimator):
+        raise TypeError(
+            f"estimator must be a name in gk.ESTIMATORS or a callable like gk.score_function, "
+            f"got {type(estimator).__name__}"
+        )
+    _checks.check_num_samples(num_samples)
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a positive int, got {repeats!r}")
+    if num_samples * repeats < 2:
+        raise ValueError(
+            "gradient_moments needs at least 2 estimates in all to measure a variance, got "
+            "num_samples=1 and repeats=1; raise either"
+        )
+    pooled: dict[str, tuple] = {}
+    for _ in range(repeats):
+        run = _check_estimates(estimator(f, dist, num_samples, **options), "the estimator result")
+        for name, values in run.items():
+            moments = _moments(values)
+            pooled[name] = _merge(pooled[name], moments) if name in pooled else moments
+    return _summaries(pooled, num_samples, exact)
+
+
+def gradient_variance(grads: Tensor | Mapping[str, Tensor]) -> Tensor:
+    r"""Total variance of repeated gradient estimates: the sum of per-coordinate variances.
+
+    .. math:: \sum_j \frac{1}{R-1} \sum_{r=1}^{R} (g_{rj} - \bar g_j)^2
+
+    (the trace of the covariance matrix), for ``R`` repeated estimates ``g_r`` of one gradient,
+    e.g. the gradient of an inference network's loss from :func:`repeated_gradients`.
+
+    Args:
+        grads: a tensor ``(R, *shape)``, or a dict of such tensors (summed over all of them).
+
+    Returns:
+        a 0-dim tensor.
+
+    Raises:
+        TypeError: for anything but a floating tensor or a dict of them.
+        ValueError: for fewer than 2 repeats.
+
+    Example:
+        >>> import torch, gradkit as gk
+        >>> gk.diagnostics.gradient_variance(torch.tensor([[0.0, 1.0], [2.0, 1.0]]))
+        tensor(2.)
+    """
+    parts = list(grads.values()) if isinstance(grads, Mapping) else [grads]
+    if not parts or not all(isinstance(g, Tensor) and g.is_floating_point() for g in parts):
+        raise TypeError(
+            "grads must be a floating tensor (repeats, *shape) or a dict of them, got "
+            f"{type(grads).__name__}"
+        )
+    if min(g.dim() for g in parts) < 1 or min(g.shape[0] for g in parts) < 2:
+        raise ValueError(
+            "gradient_variance needs at least 2 repeated estimates along dim 0, got shapes "
+            f"{[tuple(g.shape) for g in parts]}"
+        )
+    return sum(g.detach().var(0).sum() for g in parts)
+
+
+def repeated_gradients(
+    loss_fn: Callable[[], Tensor], params: Iterable[Tensor], repeats: int
+) -> Tensor:
+    r"""Gradients of a stochastic loss over ``repeats`` fresh evaluations, flattened.
+
+    Row :math:`r` is :math:`\nabla_\omega L_r` for the :math:`r`-th call of ``loss_fn`` (each
+    call draws new samples), concatenated over ``params``; parameters the loss does not use
+    get zeros. Feed the result to :func:`gradient_variance`. The ``.grad`` of ``params`` is
+    left untouched.
+
+    Args:
+        loss_fn: a function of no arguments returning a scalar loss (a new estimate per call).
+        params: the tensors to differentiate, e.g. ``encoder.parameters()``.
+        repeats: number of calls ``R >= 1``.
+
+    Returns:
+        a tensor of shape ``(R, P)``, ``P`` the total number of parameter elements.
+
+    Raises:
+        ValueError: for no parameters, a bad ``repeats`` or a non-scalar loss.
+
+    Example:
+        >>> import torch, gradkit as gk
+        >>> w = torch.tensor([1.0, 2.0], requires_grad=True)
+        >>> gk.diagnostics.repeated_gradients(lambda: (w**2).sum(), [w], 2)
+        tensor([[2., 4.],
+                [2., 4.]])
+    """
+    params = list(params)
+    if not params or not all(isinstance(p, Tensor) and p.requires_grad for p in params):
+        raise ValueError("params must be a non-empty list of tensors that require grad")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a positive int, got {repeats!r}")
+    rows = []
+    for _ in range(repeats):
+        loss = loss_fn()
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+            raise ValueError(f"loss_fn must return a scalar tensor, got {shape}; reduce it")
+        grads = torch.autograd.grad(loss.reshape(()), params, allow_unused=True)
+        rows.append(
+            torch.cat(
+                [
+                    torch.zeros_like(p).reshape(-1) if g is None else g.reshape(-1)
+                    for p, g in zip(params, grads, strict=True)
+                ]
+            )
+        )
+    return torch.stack(rows)

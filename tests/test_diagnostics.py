@@ -1,0 +1,208 @@
+"""Diagnostics: moments against closed forms, pooling over repeats, bad input."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.distributions import Normal
+
+import gradkit as gk
+from gradkit.baselines import ExponentialMovingAverage
+from gradkit.diagnostics import (
+    GradientSummary,
+    gradient_moments,
+    gradient_variance,
+    repeated_gradients,
+    summarize,
+)
+
+MU, SIGMA = 0.5, 1.2
+
+
+def quadrature(fn):
+    """E[fn(eps)] for eps ~ N(0, 1), by Gauss-Hermite quadrature (exact for polynomials)."""
+    nodes, weights = np.polynomial.hermite_e.hermegauss(40)
+    return float((weights * fn(nodes)).sum() / weights.sum())
+
+
+def test_pathwise_moments_match_closed_form():
+    # f = x^2 with x = mu + sigma eps: per-sample estimates 2x (loc) and 2 x eps (scale)
+    dist = Normal(torch.tensor(MU, dtype=torch.float64), torch.tensor(SIGMA, dtype=torch.float64))
+    n = 20_000
+    exact = {"loc": 2 * MU, "scale": 2 * SIGMA}
+    summaries = gradient_moments("pathwise", lambda x: x**2, dist, n // 2, repeats=2, exact=exact)
+    per_sample = {
+        "loc": lambda e: 2 * (MU + SIGMA * e) - 2 * MU,
+        "scale": lambda e: 2 * (MU + SIGMA * e) * e - 2 * SIGMA,
+    }
+    for name, centred in per_sample.items():
+        s = summaries[name]
+        assert isinstance(s, GradientSummary)
+        assert s.count == n and s.num_samples == n // 2
+        assert s.within(4), (name, s.z_score)
+        variance = quadrature(lambda e, c=centred: c(e) ** 2)
+        fourth = quadrature(lambda e, c=centred: c(e) ** 4)
+        # standard error of a sample variance: sqrt((mu_4 - sigma^4) / n)
+        assert abs(float(s.variance) - variance) < 4 * math.sqrt((fourth - variance**2) / n)
+        assert torch.allclose(s.variance_of_mean, s.variance / (n // 2))
+        assert torch.allclose(s.standard_error, (s.variance / n).sqrt())
+        assert s.mean.dtype == torch.float64
+    assert summaries["loc"].variance.item() == pytest.approx(4 * SIGMA**2, rel=0.05)
+
+
+def test_repeats_pool_like_one_long_run():
+    calls = []
+
+    def fake(f, dist, num_samples):
+        k = len(calls)
+        calls.append(k)
+        values = torch.arange(num_samples, dtype=torch.float64) * (k + 1) + k**2
+        return {"a": values, "b": torch.stack([values, -2 * values], -1)}
+
+    summaries = gradient_moments(fake, None, None, 5, repeats=4)
+    pooled = torch.cat([torch.arange(5.0, dtype=torch.float64) * (k + 1) + k**2 for k in range(4)])
+    assert len(calls) == 4
+    a, b = summaries["a"], summaries["b"]
+    assert a.count == 20 and a.num_samples == 5
+    assert torch.allclose(a.mean, pooled.mean())
+    assert torch.allclose(a.variance, pooled.var())
+    assert torch.allclose(b.variance, torch.stack([pooled.var(), 4 * pooled.var()]))
+    assert torch.allclose(a.variance_of_mean, pooled.var() / 5)
+    assert torch.allclose(a.standard_error, (pooled.var() / 20).sqrt())
+
+
+def test_estimator_by_name_with_options_and_state():
+    dist = Normal(torch.tensor(MU), torch.tensor(SIGMA))
+    ema = ExponentialMovingAverage(decay=0.5)
+    summaries = gradient_moments(
+        "score_function",
+        lambda x: x**2,
+        dist,
+        2_000,
+        repeats=3,
+        exact={"loc": 2 * MU},
+        baseline=ema,
+    )
+    assert ema.steps == 3  # one call per repeat, state carried over
+    assert summaries["loc"].within(4)
+    assert summaries["scale"].exact is None and summaries["scale"].bias is None
+
+
+def test_bias_z_score_and_within():
+    s = summarize({"a": torch.tensor([1.0, 2.0, 3.0, 4.0])}, exact={"a": 1.0})["a"]
+    assert s.bias.item() == pytest.approx(1.5)
+    assert s.z_score.item() == pytest.approx(1.5 / math.sqrt((5 / 3) / 4))
+    assert s.within(3) and not s.within(1)
+    assert s.within(1, atol=1.0)
+
+
+def test_zero_variance_z_scores():
+    exact_hit = summarize({"a": torch.ones(3, 2)}, exact={"a": 1.0})["a"]
+    assert torch.equal(exact_hit.z_score, torch.zeros(2)) and exact_hit.within()
+    # rounding-size differences pass by default; real ones do not
+    rounding = summarize({"a": torch.full((3,), 1.0 + 1e-7)}, exact={"a": 1.0})["a"]
+    assert rounding.within()
+    missed = summarize({"a": torch.ones(3, 2)}, exact={"a": torch.tensor([2.0, 0.0])})["a"]
+    assert torch.equal(missed.z_score, torch.tensor([-math.inf, math.inf]))
+    assert not missed.within()
+
+
+def test_summarize_exact_broadcasts_and_num_samples():
+    estimates = {"loc": torch.randn(10, 3)}
+    s = summarize(estimates, exact={"loc": 0.0}, num_samples=5)["loc"]
+    assert s.exact.shape == (3,) and s.count == 10 and s.num_samples == 5
+    assert torch.allclose(s.variance_of_mean, estimates["loc"].var(0) / 5)
+
+
+def test_gradient_variance_closed_form():
+    grads = torch.tensor([[0.0, 1.0, 5.0], [2.0, 1.0, 1.0], [4.0, 1.0, 3.0]])
+    assert gradient_variance(grads).item() == pytest.approx(4.0 + 0.0 + 4.0)
+    both = gradient_variance({"w": grads, "b": grads[:, :1] * 2})
+    assert both.item() == pytest.approx(8.0 + 16.0)
+    assert gradient_variance(torch.randn(4, 2, 3, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_repeated_gradients_of_a_stochastic_loss():
+    # d/dw E_{x~N(w,1)}[x^2] = 2w; the score-function estimate from S samples has variance
+    # Var[x^2 (x - w)] / S.
+    w = torch.tensor([MU], requires_grad=True)
+    unused = torch.zeros(2, requires_grad=True)
+    num_samples, repeats = 10, 400
+
+    def loss():
+        dist = Normal(w, torch.ones(1))
+        return gk.expectation(lambda x: x**2, dist, num_samples, estimator="score_function").sum()
+
+    grads = repeated_gradients(loss, [w, unused], repeats)
+    assert grads.shape == (repeats, 3)
+    assert torch.equal(grads[:, 1:], torch.zeros(repeats, 2))
+    assert w.grad is None
+    per_sample = quadrature(lambda e: ((MU + e) ** 2 * e) ** 2) - (2 * MU) ** 2
+    expected = per_sample / num_samples
+    summary = summarize({"w": grads[:, 0]}, exact={"w": 2 * MU})["w"]
+    assert summary.within(4)
+    # the sample variance of R nearly Gaussian means has relative SE sqrt(2 / (R - 1))
+    assert gradient_variance(grads).item() == pytest.approx(
+        expected, rel=4 * math.sqrt(2 / (repeats - 1))
+    )
+
+
+def test_error_unknown_or_bad_estimator():
+    dist = Normal(torch.tensor(0.0), torch.tensor(1.0))
+    with pytest.raises(ValueError, match="unknown estimator 'reinforce'"):
+        gradient_moments("reinforce", lambda x: x, dist, 10)
+    with pytest.raises(TypeError, match="estimator must be a name in gk.ESTIMATORS"):
+        gradient_moments(42, lambda x: x, dist, 10)
+    with pytest.raises(TypeError, match="the estimator result must be a dict"):
+        gradient_moments(lambda f, d, n: torch.zeros(n), lambda x: x, dist, 10)
+
+
+@pytest.mark.parametrize("repeats", [0, -1, 1.5, "2", True])
+def test_error_bad_repeats(repeats):
+    dist = Normal(torch.tensor(0.0), torch.tensor(1.0))
+    with pytest.raises(ValueError, match="repeats must be a positive int"):
+        gradient_moments("pathwise", lambda x: x, dist, 10, repeats=repeats)
+
+
+def test_error_too_few_estimates():
+    dist = Normal(torch.tensor(0.0), torch.tensor(1.0))
+    with pytest.raises(ValueError, match="at least 2 estimates in all"):
+        gradient_moments("pathwise", lambda x: x, dist, 1)
+    with pytest.raises(ValueError, match="at least 2 estimates per parameter"):
+        summarize({"loc": torch.zeros(1)})
+    with pytest.raises(ValueError, match="exceeds the 3 estimates"):
+        summarize({"loc": torch.zeros(3)}, num_samples=4)
+    with pytest.raises(TypeError, match="estimates must be a dict"):
+        summarize(torch.zeros(3))
+
+
+def test_error_bad_exact():
+    estimates = {"loc": torch.randn(5, 3)}
+    with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['scale'\]"):
+        summarize(estimates, exact={"scale": 1.0})
+    with pytest.raises(ValueError, match="does not broadcast"):
+        summarize(estimates, exact={"loc": torch.zeros(2)})
+    with pytest.raises(TypeError, match="exact must be a dict"):
+        summarize(estimates, exact=1.0)
+    with pytest.raises(ValueError, match="no exact value to compare with"):
+        summarize(estimates)["loc"].within()
+
+
+def test_error_bad_gradient_variance_input():
+    with pytest.raises(ValueError, match="at least 2 repeated estimates"):
+        gradient_variance(torch.zeros(1, 3))
+    with pytest.raises(TypeError, match="grads must be a floating tensor"):
+        gradient_variance([torch.zeros(3, 2)])
+    with pytest.raises(TypeError, match="grads must be a floating tensor"):
+        gradient_variance(torch.zeros(3, 2, dtype=torch.long))
+
+
+def test_error_bad_repeated_gradients_input():
+    w = torch.ones(2, requires_grad=True)
+    with pytest.raises(ValueError, match="loss_fn must return a scalar tensor"):
+        repeated_gradients(lambda: w * 2, [w], 2)
+    with pytest.raises(ValueError, match="params must be a non-empty list"):
+        repeated_gradients(lambda: w.sum(), [], 2)
+    with pytest.raises(ValueError, match="repeats must be a positive int"):
+        repeated_gradients(lambda: w.sum(), [w], 0)
