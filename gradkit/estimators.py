@@ -232,6 +232,8 @@ def pathwise(f: CostFn, dist: Distribution, num_samples: int) -> dict[str, Tenso
         x = rebuild(dist, copies).rsample()
         fx = _checks.evaluate(f, x, (num_samples,))
         names = list(copies)
+        if not fx.requires_grad:  # f is piecewise constant (a step): its gradient is zero
+            return {n: torch.zeros_like(c).detach() for n, c in copies.items()}
         grads = torch.autograd.grad(fx.sum(), [copies[n] for n in names], allow_unused=True)
     return {
         n: torch.zeros_like(copies[n]) if g is None else g.detach()

@@ -360,3 +360,14 @@ def test_parameters_of_transformed_and_multivariate_distributions():
     mvn = D.MultivariateNormal(torch.zeros(2), scale_tril=torch.eye(2))
     _ = mvn.covariance_matrix  # cached alternative: the estimators still use scale_tril
     assert list(gk.pathwise(lambda x: x.sum(-1), mvn, 3)) == ["loc", "scale_tril"]
+
+
+def test_pathwise_of_a_step_function_is_zero_and_therefore_wrong():
+    """A step has zero derivative almost everywhere: pathwise gives 0, the score function not."""
+    d = D.Normal(torch.tensor(0.5), torch.tensor(1.0))
+    step = lambda x: (x > 0).float()  # noqa: E731  cut off from autograd entirely
+    assert torch.equal(gk.pathwise(step, d, 100)["loc"], torch.zeros(100))
+    exact = math.exp(-0.125) / math.sqrt(2 * math.pi)  # phi(mu / sigma) / sigma
+    assert_unbiased(
+        {"loc": gk.score_function(step, d, 50_000)["loc"]}, {"loc": torch.tensor(exact)}
+    )
