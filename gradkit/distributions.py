@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -137,7 +138,7 @@ def rebuild(dist: Distribution, params: dict[str, Tensor]) -> Distribution:
             rebuild(dist.base_dist, params), dist.reinterpreted_batch_ndims, validate_args=False
         )
     stored = _constructor_parameters(dist)
-    kwargs: dict[str, object] = {}
+    kwargs: dict[str, Any] = {}
     for arg in inspect.signature(type(dist).__init__).parameters.values():
         if arg.name in _SKIP_INIT_ARGS or arg.kind in (arg.VAR_POSITIONAL, arg.VAR_KEYWORD):
             continue
@@ -190,11 +191,15 @@ class DoubleSidedMaxwell(Distribution):
     support = constraints.real
     has_rsample = True
 
-    def __init__(self, loc: Tensor | float, scale: Tensor | float, validate_args=None) -> None:
+    def __init__(
+        self, loc: Tensor | float, scale: Tensor | float, validate_args: bool | None = None
+    ) -> None:
         self.loc, self.scale = broadcast_all(loc, scale)
         super().__init__(self.loc.shape, validate_args=validate_args)
 
-    def expand(self, batch_shape, _instance=None):
+    def expand(
+        self, batch_shape: torch.Size | tuple[int, ...], _instance: Any = None
+    ) -> DoubleSidedMaxwell:
         new = self._get_checked_instance(DoubleSidedMaxwell, _instance)
         batch_shape = torch.Size(batch_shape)
         new.loc = self.loc.expand(batch_shape)
@@ -215,7 +220,7 @@ class DoubleSidedMaxwell(Distribution):
     def variance(self) -> Tensor:
         return 3.0 * self.scale.pow(2)
 
-    def rsample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> Tensor:
+    def rsample(self, sample_shape: torch.Size | list[int] | tuple[int, ...] = ()) -> Tensor:
         shape = self._extended_shape(sample_shape)
         ones = torch.ones(shape, dtype=self.loc.dtype, device=self.loc.device)
         radius = torch.sqrt(2.0 * Gamma(1.5 * ones, ones).sample())
