@@ -198,7 +198,7 @@ class DoubleSidedMaxwell(Distribution):
         super().__init__(self.loc.shape, validate_args=validate_args)
 
     def expand(
-        self, batch_shape: torch.Size | tuple[int, ...], _instance: Any = None
+        self, batch_shape: torch.Size | list[int] | tuple[int, ...], _instance: Any = None
     ) -> DoubleSidedMaxwell:
         new = self._get_checked_instance(DoubleSidedMaxwell, _instance)
         batch_shape = torch.Size(batch_shape)
