@@ -7,7 +7,13 @@ with :func:`expectation`. See the book for the derivations and experiments.
 
 from importlib.metadata import PackageNotFoundError, version
 
-from gradkit import baselines, control_variates, distributions
+from gradkit import (
+    baselines,
+    control_variates,
+    diagnostics,
+    distributions,
+    per_sample,
+)
 from gradkit.distributions import DoubleSidedMaxwell
 from gradkit.estimators import (
     ESTIMATORS,
@@ -16,6 +22,12 @@ from gradkit.estimators import (
     pathwise,
     score,
     score_function,
+)
+from gradkit.per_sample import per_sample_grads
+from gradkit.weak_derivatives import (
+    WeakDerivative,
+    register_weak_derivative,
+    registered_weak_derivatives,
 )
 
 try:
@@ -26,13 +38,19 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 __all__ = [
     "ESTIMATORS",
     "DoubleSidedMaxwell",
+    "WeakDerivative",
     "__version__",
     "baselines",
     "control_variates",
+    "diagnostics",
     "distributions",
     "expectation",
     "measure_valued",
     "pathwise",
+    "per_sample",
+    "per_sample_grads",
+    "register_weak_derivative",
+    "registered_weak_derivatives",
     "score",
     "score_function",
 ]

@@ -60,10 +60,15 @@ def _is_alternative(cls: type, name: str) -> bool:
 def _constructor_parameters(base: Distribution) -> dict[str, Tensor]:
     """The parameter tensors ``base`` was built from, in ``arg_constraints`` order."""
     names = list(base.arg_constraints)
-    if isinstance(base, TransformedDistribution) and not any(n in vars(base) for n in names):
-        # LogNormal, RelaxedBernoulli, ...: the parameters live in the base distribution
-        inner = _constructor_parameters(base_distribution(base.base_dist)[0])
-        return {name: value for name, value in inner.items() if name in names}
+    if not any(n in vars(base) for n in names):
+        # The parameters live in a wrapped distribution: LogNormal, RelaxedBernoulli (a base
+        # distribution), OneHotCategorical (a Categorical).
+        inner = getattr(base, "_categorical", None)
+        if isinstance(base, TransformedDistribution):
+            inner = base_distribution(base.base_dist)[0]
+        if inner is not None:
+            found = _constructor_parameters(inner)
+            return {name: value for name, value in found.items() if name in names}
     present = {}
     for name in names:
         if name in vars(base):
@@ -74,10 +79,11 @@ def _constructor_parameters(base: Distribution) -> dict[str, Tensor]:
     if len(alternatives) > 1:
         # torch caches the lazily derived alternative on first access (dist.logits after
         # Bernoulli(probs=...)); the one the distribution was built from is stored as _param.
-        # Without _param (MultivariateNormal) prefer scale_tril, which torch keeps internally.
+        # Without _param (Geometric, MultivariateNormal) the constructor's argument is the
+        # first of them set on the instance: the derived ones are cached later.
         chosen = getattr(base, "_param", None)
         keep = [name for name in alternatives if present[name] is chosen]
-        keep = keep or [n for n in alternatives if n == "scale_tril"] or alternatives[:1]
+        keep = keep or [next(n for n in vars(base) if n in alternatives)]
         for name in alternatives:
             if name not in keep:
                 del present[name]

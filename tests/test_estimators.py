@@ -360,6 +360,15 @@ def test_parameters_of_transformed_and_multivariate_distributions():
     mvn = D.MultivariateNormal(torch.zeros(2), scale_tril=torch.eye(2))
     _ = mvn.covariance_matrix  # cached alternative: the estimators still use scale_tril
     assert list(gk.pathwise(lambda x: x.sum(-1), mvn, 3)) == ["loc", "scale_tril"]
+    mvn = D.MultivariateNormal(torch.zeros(2), covariance_matrix=torch.eye(2))
+    _ = mvn.scale_tril
+    assert list(gk.distributions.parameters(mvn)) == ["loc", "covariance_matrix"]
+    geometric = D.Geometric(logits=torch.tensor([0.2]))
+    _ = geometric.probs
+    assert list(gk.distributions.parameters(geometric)) == ["logits"]
+    one_hot = D.OneHotCategorical(logits=torch.zeros(3))
+    assert list(gk.distributions.parameters(one_hot)) == ["logits"]
+    assert gk.score_function(lambda x: x[..., 0], one_hot, 4)["logits"].shape == (4, 3)
 
 
 def test_pathwise_of_a_step_function_is_zero_and_therefore_wrong():
