@@ -1,0 +1,829 @@
+r"""A topic model with binary latent factors, trained by variational inference.
+
+Generative model (Aziz 2019; Mnih and Gregor 2014). A document :math:`x = (x_1, \dots, x_n)` is
+:math:`n` i.i.d. categorical draws over a vocabulary of :math:`V` words, given :math:`k` binary
+latent factors:
+
+.. math::
+    z_j \sim \mathrm{Bernoulli}(\phi)\ (1 \le j \le k), \qquad
+    x_i \mid z \sim \mathrm{Categorical}(g_\theta(z))\ (1 \le i \le n),
+
+where :math:`g_\theta` is a neural network with a softmax output. Only the bag of words
+:math:`c_w = \#\{i : x_i = w\}` matters: :math:`\log p_\theta(x \mid z) = \sum_w c_w \log
+g_\theta(z)_w`.
+
+Inference network (mean field): :math:`q_\lambda(z \mid x) = \prod_j \mathrm{Bernoulli}(z_j \mid
+\psi_j)` with :math:`\psi = \mathrm{sigmoid}(f_\lambda(x))`. The evidence lower bound
+
+.. math::
+    \mathrm{ELBO}(x) = \mathbb{E}_{q_\lambda(z \mid x)}[\log p_\theta(x \mid z)]
+        - \mathrm{KL}(q_\lambda(z \mid x) \,\|\, p(z))
+
+has an analytic KL between factorised Bernoullis. :math:`\theta` gets the ordinary gradient of
+the sampled log-likelihood; :math:`\lambda` needs a gradient estimator for a discrete
+distribution, chosen with :class:`GradientEstimator`: the score function (no baseline, moving
+average, learned input-dependent :math:`C(x)`, leave-one-out) through
+:func:`gradkit.expectation`, local expectation gradients, or the biased straight-through
+Gumbel estimator. :func:`train` runs the optimisation and records ELBO curves and the variance
+of the inference network's gradient.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.distributions import Bernoulli, Independent, Multinomial, RelaxedBernoulli, kl_divergence
+from torch.func import functional_call, vjp, vmap
+
+from gradkit.baselines import ExponentialMovingAverage, LearnedBaseline, LeaveOneOut
+from gradkit.estimators import expectation
+
+__all__ = [
+    "METHODS",
+    "BernoulliTopicModel",
+    "DocumentBaseline",
+    "GradientEstimator",
+    "TrainingRun",
+    "compare_estimators",
+    "exact_logit_gradient",
+    "factor_words",
+    "gradient_variance",
+    "logit_gradients",
+    "plot_curves",
+    "plot_factor_words",
+    "summarise_logit_gradients",
+    "summarise_runs",
+    "train",
+]
+
+#: The estimators of the inference network's gradient: name -> (label, biased).
+METHODS: dict[str, tuple[str, bool]] = {
+    "none": ("score function, no baseline", False),
+    "ema": ("score function + moving average", False),
+    "learned": ("score function + learned C(x)", False),
+    "loo": ("score function + leave-one-out", False),
+    "local_expectation": ("local expectation", False),
+    "straight_through": ("straight-through Gumbel (biased)", True),
+}
+
+MAX_ENUMERATED_FACTORS = 16
+
+
+def _check_docs(docs: Tensor, vocab_size: int) -> None:
+    if not isinstance(docs, Tensor) or not docs.is_floating_point():
+        raise TypeError(
+            "docs must be a floating tensor of word counts, shape (num_docs, vocab_size); "
+            f"got {type(docs).__name__} {getattr(docs, 'dtype', '')}. Convert with docs.float()"
+        )
+    if docs.dim() < 1 or docs.shape[-1] != vocab_size:
+        raise ValueError(
+            f"docs must have shape (num_docs, {vocab_size}) (one count per vocabulary word), got "
+            f"{tuple(docs.shape)}; build the model with vocab_size=docs.shape[-1]"
+        )
+    if bool((docs < 0).any()):
+        raise ValueError("docs must hold non-negative word counts; found negative entries")
+
+
+def _states(num_factors: int, like: Tensor) -> Tensor:
+    """All :math:`2^k` binary vectors, shape ``(2**k, k)``, on ``like``'s device and dtype."""
+    if num_factors > MAX_ENUMERATED_FACTORS:
+        raise ValueError(
+            f"exact enumeration over z needs 2**k states; k={num_factors} is above the limit "
+            f"of {MAX_ENUMERATED_FACTORS}. Use a Monte Carlo estimate (BernoulliTopicModel.elbo) "
+            "or a model with fewer factors"
+        )
+    codes = torch.arange(2**num_factors, device=like.device)
+    bits = torch.arange(num_factors, device=like.device)
+    return ((codes[:, None] >> bits) & 1).to(like.dtype)
+
+
+class BernoulliTopicModel(nn.Module):
+    r"""Binary latent factor topic model :math:`p_\theta(x, z)` with a mean-field inference network.
+
+    The decoder :math:`g_\theta(z) = \mathrm{softmax}(\mathrm{net}(z))` is a linear layer
+    (``decoder_hidden=0``: factor :math:`j` adds a vector of word log-odds) or a one-hidden-layer
+    network. The encoder :math:`f_\lambda` maps :math:`\log(1 + c)` through a ``tanh`` hidden
+    layer to :math:`k` logits of :math:`q_\lambda(z \mid x)`.
+
+    Args:
+        vocab_size: :math:`V`.
+        num_factors: :math:`k`.
+        prior: :math:`\phi \in (0, 1)`, the prior probability that a factor is on.
+        encoder_hidden: width of the encoder's hidden layer.
+        decoder_hidden: width of the decoder's hidden layer (0: linear decoder).
+        word_counts: optional corpus word counts, shape ``(V,)``; the decoder's output bias
+            starts at their log frequencies (the background distribution).
+
+    Raises:
+        ValueError: for non-positive sizes, a prior outside ``(0, 1)``, or word counts of the
+            wrong shape.
+
+    Example:
+        >>> import torch
+        >>> from gradkit.models.topic import BernoulliTopicModel
+        >>> _ = torch.manual_seed(0)
+        >>> model = BernoulliTopicModel(vocab_size=20, num_factors=3)
+        >>> docs, z = model.sample(num_docs=4, doc_length=10)
+        >>> docs.shape, docs.sum(-1), model.elbo(docs, num_samples=8).shape
+        (torch.Size([4, 20]), tensor([10., 10., 10., 10.]), torch.Size([4]))
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        num_factors: int,
+        *,
+        prior: float = 0.5,
+        encoder_hidden: int = 64,
+        decoder_hidden: int = 0,
+        word_counts: Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in [("vocab_size", vocab_size), ("num_factors", num_factors)]:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if encoder_hidden < 1 or decoder_hidden < 0:
+            raise ValueError(
+                f"encoder_hidden must be >= 1 and decoder_hidden >= 0, got {encoder_hidden} and "
+                f"{decoder_hidden}"
+            )
+        if not 0.0 < prior < 1.0:
+            raise ValueError(f"prior must be a probability in (0, 1), got {prior}")
+        self.vocab_size = vocab_size
+        self.num_factors = num_factors
+        self.register_buffer("prior_logit", torch.tensor(math.log(prior / (1.0 - prior))))
+        self.encoder = nn.Sequential(
+            nn.Linear(vocab_size, encoder_hidden), nn.Tanh(), nn.Linear(encoder_hidden, num_factors)
+        )
+        output = nn.Linear(decoder_hidden or num_factors, vocab_size)
+        layers: list[nn.Module] = [output]
+        if decoder_hidden:
+            layers = [nn.Linear(num_factors, decoder_hidden), nn.Tanh(), output]
+        self.decoder = nn.Sequential(*layers)
+        if word_counts is not None:
+            if word_counts.shape != (vocab_size,):
+                raise ValueError(
+                    f"word_counts must have shape ({vocab_size},), got {tuple(word_counts.shape)}"
+                )
+            freq = (word_counts.to(output.bias) + 0.5) / (word_counts.sum() + 0.5 * vocab_size)
+            with torch.no_grad():
+                output.bias.copy_(freq.log())
+
+    def logits(self, docs: Tensor) -> Tensor:
+        r"""The inference network's logits :math:`f_\lambda(x)`, shape ``(*B, k)``."""
+        _check_docs(docs, self.vocab_size)
+        return self.encoder(docs.log1p())
+
+    def posterior(self, docs: Tensor) -> Independent:
+        r""":math:`q_\lambda(z \mid x)` as ``Independent(Bernoulli(logits), 1)``, batch ``B``."""
+        return Independent(Bernoulli(logits=self.logits(docs)), 1)
+
+    def prior(self) -> Independent:
+        r"""The prior :math:`p(z) = \prod_j \mathrm{Bernoulli}(z_j \mid \phi)`, event ``(k,)``."""
+        logits = self.prior_logit.expand(self.num_factors)
+        return Independent(Bernoulli(logits=logits), 1)
+
+    def log_likelihood(self, docs: Tensor, z: Tensor) -> Tensor:
+        r""":math:`\log p_\theta(x \mid z) = \sum_w c_w \log g_\theta(z)_w`.
+
+        Args:
+            docs: counts, shape ``(*B, V)``.
+            z: factors, shape ``(*S, *B, k)`` (any leading sample dimensions).
+
+        Returns:
+            shape ``(*S, *B)``.
+        """
+        log_probs = torch.log_softmax(self.decoder(z), dim=-1)
+        return (docs * log_probs).sum(-1)
+
+    def kl(self, logits: Tensor) -> Tensor:
+        r"""Analytic KL between factorised Bernoullis, for inference logits ``(*B, k)``.
+
+        :math:`\mathrm{KL}(q \,\|\, p) = \sum_j \mathrm{KL}(\mathrm{Bern}(\psi_j) \,\|\,
+        \mathrm{Bern}(\phi))`; returns ``(*B,)``.
+        """
+        q = Independent(Bernoulli(logits=logits), 1)
+        prior = Independent(Bernoulli(logits=self.prior_logit.to(logits).expand_as(logits)), 1)
+        return kl_divergence(q, prior)
+
+    @torch.no_grad()
+    def elbo(self, docs: Tensor, num_samples: int = 32) -> Tensor:
+        """Monte Carlo ELBO per document (``num_samples`` draws of z; analytic KL), ``(*B,)``."""
+        logits = self.logits(docs)
+        z = Independent(Bernoulli(logits=logits), 1).sample((num_samples,))
+        return self.log_likelihood(docs, z).mean(0) - self.kl(logits)
+
+    def expected_log_likelihood_exact(self, docs: Tensor, logits: Tensor) -> Tensor:
+        r""":math:`\mathbb{E}_q[\log p_\theta(x \mid z)] = \sum_z q(z)\log p_\theta(x \mid z)` over
+        all :math:`2^k` states; differentiable in ``logits`` (shape ``(*B, k)``) and
+        :math:`\theta`. Returns ``(*B,)``. Raises ``ValueError`` for ``k > 16``."""
+        states = _states(self.num_factors, logits)
+        log_lik = docs @ torch.log_softmax(self.decoder(states), dim=-1).T  # (*B, 2**k)
+        log_q = Bernoulli(logits=logits.unsqueeze(-2)).log_prob(states).sum(-1)
+        return (log_q.exp() * log_lik).sum(-1)
+
+    def exact_elbo(self, docs: Tensor) -> Tensor:
+        """The ELBO per document by enumerating all :math:`2^k` states of z, shape ``(*B,)``."""
+        logits = self.logits(docs)
+        return self.expected_log_likelihood_exact(docs, logits) - self.kl(logits)
+
+    def exact_log_marginal(self, docs: Tensor) -> Tensor:
+        r""":math:`\log p_\theta(x) = \log \sum_z p(z) p_\theta(x \mid z)` by enumeration.
+
+        Returns ``(*B,)``. Raises ``ValueError`` for ``k > 16``.
+        """
+        _check_docs(docs, self.vocab_size)
+        states = _states(self.num_factors, docs)
+        log_lik = docs @ torch.log_softmax(self.decoder(states), dim=-1).T
+        return torch.logsumexp(log_lik + self.prior().log_prob(states), dim=-1)
+
+    @torch.no_grad()
+    def sample(self, num_docs: int, doc_length: int) -> tuple[Tensor, Tensor]:
+        """Draw documents from the model: ``(counts (num_docs, V), factors (num_docs, k))``."""
+        z = self.prior().sample((num_docs,))
+        counts = Multinomial(doc_length, logits=self.decoder(z)).sample()
+        return counts, z
+
+    @torch.no_grad()
+    def factor_effects(self) -> Tensor:
+        r"""What switching on factor :math:`j` alone does to each word:
+        :math:`\log g_\theta(e_j)_w - \log g_\theta(0)_w`, shape ``(k, V)``."""
+        param = next(self.decoder.parameters())
+        states = torch.cat([torch.zeros(1, self.num_factors), torch.eye(self.num_factors)]).to(
+            param
+        )
+        log_probs = torch.log_softmax(self.decoder(states), dim=-1)
+        return log_probs[1:] - log_probs[:1]
+
+
+class DocumentBaseline(nn.Module):
+    r"""An input-dependent baseline network :math:`C_\omega(x) = n(x)\,h_\omega(x)`.
+
+    The learning signal :math:`\log p_\theta(x \mid z)` is a sum over the :math:`n(x)` tokens of a
+    document, so it scales with the document's length; the network :math:`h_\omega` (one
+    ``tanh`` hidden layer on :math:`\log(1 + c)`) predicts the signal *per token*, which is of
+    order one; it starts at :math:`-\log V`, a uniform model's value. Use it inside
+    :class:`gradkit.baselines.LearnedBaseline`.
+
+    Example:
+        >>> import torch
+        >>> from gradkit.models.topic import DocumentBaseline
+        >>> DocumentBaseline(vocab_size=5)(torch.ones(3, 5)).shape
+        torch.Size([3])
+    """
+
+    def __init__(self, vocab_size: int, hidden: int = 32) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(vocab_size, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+        with torch.no_grad():  # start at the per-token log-likelihood of a uniform model
+            self.net[-1].bias.fill_(-math.log(vocab_size))
+
+    def forward(self, docs: Tensor) -> Tensor:
+        return docs.sum(-1) * self.net(docs.log1p()).squeeze(-1)
+
+
+class GradientEstimator(nn.Module):
+    r"""A per-document estimate of :math:`\mathbb{E}_{q_\lambda(z \mid x)}[\log p_\theta(x \mid z)]`
+    whose gradient with respect to the inference logits is the chosen estimator's.
+
+    Methods (:data:`METHODS`):
+
+    * ``"none"``, ``"ema"``, ``"learned"``, ``"loo"``: the score function
+      :math:`(\log p_\theta(x \mid z_s) - b)\,\nabla_\lambda \log q_\lambda(z_s \mid x)`
+      (Williams 1992) through :func:`gradkit.expectation` with
+      ``q = Independent(Bernoulli(logits), 1)`` and one learning signal per document (a plate);
+      the baseline :math:`b` is zero, an exponential moving average, a learned
+      :math:`C_\omega(x)` (:class:`DocumentBaseline` trained by L2 regression onto the signal,
+      averaged over the document's samples; Mnih and Gregor 2014) or the mean of the other
+      samples (Kool et al. 2019).
+    * ``"local_expectation"``: local expectation gradients (Titsias and Lázaro-Gredilla 2015).
+      Each factor's expectation is summed out exactly given the others' sampled values,
+      :math:`\partial_{\ell_j} = \psi_j(1-\psi_j)\,\mathbb{E}_{z_{-j}}[f(z_{-j}, 1) -
+      f(z_{-j}, 0)]`: unbiased, :math:`k+1` decoder evaluations per sample.
+    * ``"straight_through"``: straight-through Gumbel (Bengio et al. 2013; Jang et al. 2017;
+      Maddison et al. 2017): a binary concrete sample :math:`y` is thresholded on the forward
+      pass and the gradient of :math:`y` is used on the backward pass. **Biased**.
+
+    :math:`\theta` always gets the ordinary gradient of :math:`\log p_\theta(x \mid z_s)`.
+
+    Args:
+        method: a key of :data:`METHODS`.
+        num_samples: samples of z per document (``>= 2`` for ``"loo"``).
+        vocab_size: needed by ``"learned"`` (the baseline network's input size).
+        ema_decay: decay of the moving average.
+        temperature: temperature of the binary concrete relaxation.
+
+    Raises:
+        ValueError: for an unknown method, ``num_samples < 2`` with ``"loo"``, or a missing
+            ``vocab_size`` with ``"learned"``.
+
+    Example:
+        >>> import torch
+        >>> from gradkit.models.topic import BernoulliTopicModel, GradientEstimator
+        >>> model = BernoulliTopicModel(vocab_size=20, num_factors=3)
+        >>> docs, _ = model.sample(num_docs=4, doc_length=10)
+        >>> value, aux = GradientEstimator("loo", num_samples=4)(model, docs, model.logits(docs))
+        >>> value.shape, float(aux)
+        (torch.Size([4]), 0.0)
+    """
+
+    def __init__(
+        self,
+        method: str,
+        num_samples: int,
+        *,
+        vocab_size: int | None = None,
+        ema_decay: float = 0.9,
+        temperature: float = 0.5,
+    ) -> None:
+        super().__init__()
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+        if method == "loo" and num_samples < 2:
+            raise ValueError(
+                "the leave-one-out baseline needs num_samples >= 2 (each sample's baseline is "
+                f"the mean of the others), got {num_samples}"
+            )
+        if method == "learned" and vocab_size is None:
+            raise ValueError("method 'learned' needs vocab_size= (the baseline network's input)")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        self.method = method
+        self.num_samples = num_samples
+        self.temperature = temperature
+        self.baseline: Any = {
+            "ema": ExponentialMovingAverage(ema_decay),
+            "loo": LeaveOneOut(),
+        }.get(method)
+        self.learned = (
+            LearnedBaseline(DocumentBaseline(vocab_size))
+            if method == "learned" and vocab_size
+            else None
+        )
+
+    def forward(
+        self, model: BernoulliTopicModel, docs: Tensor, logits: Tensor, *, update: bool = True
+    ) -> tuple[Tensor, Tensor]:
+        """Returns ``(value, auxiliary_loss)``.
+
+        ``value`` has the shape of ``logits`` without its last dimension (``(*B,)``, or
+        ``(R, *B)`` for logits replicated ``R`` times to measure variance); its expectation is
+        :math:`\\mathbb{E}_q[\\log p_\\theta(x \\mid z)]`. ``auxiliary_loss`` is the learned
+        baseline's regression loss (zero otherwise): add it to the loss being minimised.
+        ``update=False`` leaves the moving average untouched.
+        """
+
+        def f(z: Tensor) -> Tensor:
+            return model.log_likelihood(docs, z)
+
+        zero = logits.new_zeros(())
+        if self.method == "local_expectation":
+            return self._local_expectation(f, logits), zero
+        if self.method == "straight_through":
+            relaxed = Independent(
+                RelaxedBernoulli(logits.new_tensor(self.temperature), logits=logits), 1
+            )
+
+            def f_hard(y: Tensor) -> Tensor:
+                return f((y > 0.5).to(y) + y - y.detach())
+
+            return expectation(f_hard, relaxed, self.num_samples, estimator="pathwise"), zero
+        q = Independent(Bernoulli(logits=logits), 1)
+        baseline = self.baseline if update else copy.deepcopy(self.baseline)
+        if self.method == "learned":
+            assert self.learned is not None
+            prediction = self.learned(docs)
+            value = expectation(
+                f, q, self.num_samples, estimator="score_function", baseline=prediction
+            )
+            return value, self.learned.loss(prediction, value.detach())
+        return expectation(
+            f, q, self.num_samples, estimator="score_function", baseline=baseline
+        ), zero
+
+    def _local_expectation(self, f: Any, logits: Tensor) -> Tensor:
+        k = logits.shape[-1]
+        with torch.no_grad():
+            z = Independent(Bernoulli(logits=logits), 1).sample((self.num_samples,))
+            eye = torch.eye(k, dtype=z.dtype, device=z.device).reshape(k, *([1] * (z.dim() - 1)), k)
+            flipped = z + eye - 2 * z * eye  # (k, S, *B, k): factor j flipped in row j
+            f_flip = f(flipped)  # (k, S, *B)
+        fz = f(z)  # (S, *B), carries theta's gradient
+        sign = 2 * z.movedim(-1, 0) - 1  # +1 where z_j = 1: f(z_j=1) - f(z_j=0)
+        diff = (sign * (fz.detach() - f_flip)).mean(1).movedim(0, -1)  # (*B, k)
+        psi = torch.sigmoid(logits.detach())
+        grad = psi * (1 - psi) * diff
+        return fz.mean(0) + ((logits - logits.detach()) * grad).sum(-1)
+
+
+def exact_logit_gradient(model: BernoulliTopicModel, docs: Tensor) -> Tensor:
+    r"""The exact :math:`\nabla_\ell \sum_b \mathbb{E}_q[\log p_\theta(x_b \mid z)]` with respect to
+    the inference logits, by enumerating the :math:`2^k` states. Returns ``(*B, k)``.
+
+    Raises ``ValueError`` for ``k > 16``.
+
+    Example:
+        >>> from gradkit.models.topic import BernoulliTopicModel, exact_logit_gradient
+        >>> model = BernoulliTopicModel(vocab_size=20, num_factors=3)
+        >>> docs, _ = model.sample(num_docs=4, doc_length=10)
+        >>> exact_logit_gradient(model, docs).shape
+        torch.Size([4, 3])
+    """
+    with torch.enable_grad():
+        logits = model.logits(docs).detach().requires_grad_()
+        value = model.expected_log_likelihood_exact(docs, logits).sum()
+        return torch.autograd.grad(value, logits)[0]
+
+
+def summarise_logit_gradients(estimates: Tensor, exact: Tensor) -> dict[str, float]:
+    r"""How replicated gradient estimates ``(R, *shape)`` compare with the exact ``(*shape)``.
+
+    Returns:
+        ``max_bias_z``: the largest :math:`|\bar g - g| / \mathrm{se}` over coordinates (a few
+        units for an unbiased estimator); ``relative_std``: the median over coordinates of
+        :math:`\mathrm{sd}(\hat g) / |g|`; ``sign_agreement``: the fraction of single estimates
+        whose sign matches the exact gradient's.
+
+    Example:
+        >>> import torch
+        >>> from gradkit.models.topic import summarise_logit_gradients
+        >>> s = summarise_logit_gradients(torch.tensor([[1.0], [3.0]]), torch.tensor([2.0]))
+        >>> s["max_bias_z"], s["relative_std"], s["sign_agreement"]
+        (0.0, 0.7071067690849304, 1.0)
+    """
+    n = estimates.shape[0]
+    if n < 2:
+        raise ValueError(f"a summary needs at least 2 replicated estimates, got {n}")
+    se = estimates.std(0) / math.sqrt(n)
+    bias_z = (estimates.mean(0) - exact).abs() / se.clamp_min(torch.finfo(se.dtype).tiny)
+    return {
+        "max_bias_z": float(bias_z.max()),
+        "relative_std": float((estimates.std(0) / exact.abs()).median()),
+        "sign_agreement": float((estimates.sign() == exact.sign()).to(estimates.dtype).mean()),
+    }
+
+
+def logit_gradients(
+    model: BernoulliTopicModel, estimator: GradientEstimator, docs: Tensor, replicates: int
+) -> Tensor:
+    r"""``replicates`` independent estimates of :math:`\nabla_\ell \sum_b
+    \mathbb{E}_q[\log p_\theta(x_b \mid z)]` with respect to the inference logits :math:`\ell`.
+
+    One vectorised call: the logits are replicated along a new leading dimension, which the
+    estimator treats as more documents. Leaves the estimator's state (moving average) as it was.
+
+    Returns:
+        shape ``(replicates, *B, k)``.
+
+    Example:
+        >>> import torch
+        >>> from gradkit.models.topic import BernoulliTopicModel, GradientEstimator, logit_gradients
+        >>> model = BernoulliTopicModel(vocab_size=20, num_factors=3)
+        >>> docs, _ = model.sample(num_docs=4, doc_length=10)
+        >>> logit_gradients(model, GradientEstimator("none", 1), docs, replicates=5).shape
+        torch.Size([5, 4, 3])
+    """
+    logits = model.logits(docs).detach()
+    leaf = logits.expand(replicates, *logits.shape).clone().requires_grad_()
+    value, _ = estimator(model, docs, leaf, update=False)
+    return torch.autograd.grad(value.sum(), leaf)[0]
+
+
+def gradient_variance(
+    model: BernoulliTopicModel, estimator: GradientEstimator, docs: Tensor, replicates: int = 16
+) -> float:
+    r"""Total variance :math:`\mathrm{tr}\,\mathrm{Cov}[\hat g]` of the inference network gradient.
+
+    :math:`\hat g` estimates the gradient, with respect to every encoder parameter
+    :math:`\lambda`, of the objective used in training, the batch's ELBO per token
+    :math:`\sum_b \mathrm{ELBO}(x_b) / \sum_b n(x_b)` (its analytic KL part is exact and adds no
+    variance). ``replicates`` independent estimates at fixed parameters are computed in one
+    pass: :func:`logit_gradients`, then the encoder's vector-Jacobian product vectorised over
+    replicates with ``torch.func.vmap``.
+
+    Example:
+        >>> import torch
+        >>> from gradkit.models.topic import BernoulliTopicModel, GradientEstimator
+        >>> from gradkit.models.topic import gradient_variance
+        >>> model = BernoulliTopicModel(vocab_size=20, num_factors=3)
+        >>> docs, _ = model.sample(num_docs=4, doc_length=10)
+        >>> gradient_variance(model, GradientEstimator("loo", 4), docs) > 0
+        True
+    """
+    if replicates < 2:
+        raise ValueError(f"a variance needs replicates >= 2, got {replicates}")
+    grads = logit_gradients(model, estimator, docs, replicates) / docs.sum()
+    params = {name: p.detach() for name, p in model.encoder.named_parameters()}
+    inputs = docs.log1p()
+    _, pullback = vjp(lambda p: functional_call(model.encoder, p, (inputs,)), params)
+    per_param = vmap(pullback)(grads)[0]
+    return float(sum(g.var(0).sum() for g in per_param.values()))
+
+
+@dataclass
+class TrainingRun:
+    """What :func:`train` records.
+
+    Attributes:
+        method: the estimator's key in :data:`METHODS`.
+        eval_steps: steps at which the ELBO was evaluated (0 = before training).
+        train_elbo: training-set ELBO per token at those steps.
+        test_elbo: held-out ELBO per token at those steps.
+        variance_steps: steps at which the gradient variance was measured.
+        grad_variance: total variance of the inference network's gradient there.
+        wall_time: seconds spent in optimisation steps (evaluation excluded).
+        model: the trained model.
+    """
+
+    method: str
+    eval_steps: list[int] = field(default_factory=list)
+    train_elbo: list[float] = field(default_factory=list)
+    test_elbo: list[float] = field(default_factory=list)
+    variance_steps: list[int] = field(default_factory=list)
+    grad_variance: list[float] = field(default_factory=list)
+    wall_time: float = 0.0
+    model: BernoulliTopicModel | None = None
+
+
+def _per_token_elbo(model: BernoulliTopicModel, docs: Tensor, num_samples: int) -> float:
+    return float(model.elbo(docs, num_samples).sum() / docs.sum())
+
+
+def train(
+    model: BernoulliTopicModel,
+    train_docs: Tensor,
+    test_docs: Tensor,
+    method: str,
+    *,
+    steps: int = 1000,
+    batch_size: int = 64,
+    num_samples: int = 4,
+    lr: float = 3e-3,
+    eval_every: int = 50,
+    eval_samples: int = 16,
+    variance_every: int = 50,
+    variance_docs: int = 32,
+    replicates: int = 16,
+    progress: bool = True,
+    estimator_options: Mapping[str, Any] | None = None,
+) -> TrainingRun:
+    r"""Maximise the ELBO with Adam (Kingma and Ba 2015), the encoder's gradient by ``method``.
+
+    Each step draws ``batch_size`` training documents, estimates
+    :math:`\mathbb{E}_q[\log p_\theta(x \mid z)]` with :class:`GradientEstimator`, subtracts the
+    analytic KL and maximises the batch's ELBO per token (plus, for ``"learned"``, minimises
+    the baseline's regression loss). Every ``eval_every`` steps the training and held-out ELBO
+    per token are estimated with ``eval_samples`` draws per document; every
+    ``variance_every`` steps, from the start, :func:`gradient_variance` is measured on the first
+    ``variance_docs`` training documents.
+
+    Args:
+        model: the model, trained in place.
+        train_docs: counts ``(D, V)`` on the model's device.
+        test_docs: held-out counts ``(D', V)``.
+        method: a key of :data:`METHODS`.
+        steps, batch_size, num_samples, lr: optimisation settings.
+        eval_every, eval_samples, variance_every, variance_docs, replicates: measurement
+            settings.
+        progress: show a ``tqdm.auto`` progress bar.
+        estimator_options: extra keyword arguments of :class:`GradientEstimator`.
+
+    Returns:
+        a :class:`TrainingRun`.
+
+    Raises:
+        ValueError: for non-positive step counts or an unknown method.
+
+    Example:
+        >>> import torch
+        >>> from gradkit.models.topic import BernoulliTopicModel, train
+        >>> model = BernoulliTopicModel(vocab_size=20, num_factors=3)
+        >>> docs, _ = model.sample(num_docs=16, doc_length=10)
+        >>> run = train(model, docs, docs, "loo", steps=4, eval_every=2, variance_every=2,
+        ...             progress=False)
+        >>> run.eval_steps, run.variance_steps
+        ([0, 2, 4], [0, 2])
+    """
+    from tqdm.auto import tqdm
+
+    for name, value in [("steps", steps), ("batch_size", batch_size), ("eval_every", eval_every)]:
+        if value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value}")
+    if variance_every < 1:
+        raise ValueError(f"variance_every must be a positive int, got {variance_every}")
+    _check_docs(train_docs, model.vocab_size)
+    _check_docs(test_docs, model.vocab_size)
+    estimator = GradientEstimator(
+        method, num_samples, vocab_size=model.vocab_size, **dict(estimator_options or {})
+    )
+    param = next(model.parameters())
+    estimator.to(device=param.device, dtype=param.dtype)
+    optimizer = torch.optim.Adam([*model.parameters(), *estimator.parameters()], lr=lr)
+    run = TrainingRun(method=method, model=model)
+    probe = train_docs[:variance_docs]
+
+    def evaluate(step: int) -> None:
+        run.eval_steps.append(step)
+        run.train_elbo.append(_per_token_elbo(model, train_docs, eval_samples))
+        run.test_elbo.append(_per_token_elbo(model, test_docs, eval_samples))
+
+    evaluate(0)
+    bar = tqdm(range(1, steps + 1), desc=METHODS[method][0], disable=not progress, leave=False)
+    for step in bar:
+        if (step - 1) % variance_every == 0:  # before this step's update: step - 1 updates done
+            run.variance_steps.append(step - 1)
+            run.grad_variance.append(gradient_variance(model, estimator, probe, replicates))
+        started = time.perf_counter()
+        index = torch.randint(len(train_docs), (batch_size,), device=train_docs.device)
+        docs = train_docs[index]
+        logits = model.logits(docs)
+        value, aux = estimator(model, docs, logits)
+        loss = -(value - model.kl(logits)).sum() / docs.sum() + aux
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        run.wall_time += time.perf_counter() - started
+        if step % eval_every == 0 or step == steps:
+            evaluate(step)
+            bar.set_postfix(test_elbo=f"{run.test_elbo[-1]:.3f}")
+    return run
+
+
+def compare_estimators(
+    train_docs: Tensor,
+    test_docs: Tensor,
+    methods: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    model_options: Mapping[str, Any],
+    method_options: Mapping[str, Mapping[str, Any]] | None = None,
+    progress: bool = True,
+    **train_options: Any,
+) -> dict[str, list[TrainingRun]]:
+    """Train a fresh model per method and seed (same initialisation for a given seed).
+
+    ``model_options`` go to :class:`BernoulliTopicModel` (``vocab_size`` is taken from the
+    documents), ``train_options`` to :func:`train`, and ``method_options[method]`` override
+    them for one method (e.g. fewer samples for an estimator that evaluates more per sample).
+    Returns method -> one run per seed.
+
+    Example:
+        >>> import torch
+        >>> from gradkit.models.topic import BernoulliTopicModel, compare_estimators
+        >>> docs, _ = BernoulliTopicModel(20, 3).sample(num_docs=16, doc_length=10)
+        >>> runs = compare_estimators(docs, docs, ["none", "loo"], [0], steps=2, eval_every=2,
+        ...                           model_options={"num_factors": 3}, progress=False)
+        >>> sorted(runs), len(runs["loo"])
+        (['loo', 'none'], 1)
+    """
+    from tqdm.auto import tqdm
+
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
+    runs: dict[str, list[TrainingRun]] = {m: [] for m in methods}
+    jobs = [(m, s) for m in methods for s in seeds]
+    for method, seed in tqdm(jobs, desc="runs", disable=not progress):
+        torch.manual_seed(seed)
+        model = BernoulliTopicModel(train_docs.shape[-1], **dict(model_options))
+        model.to(device=train_docs.device, dtype=train_docs.dtype)
+        options = {**train_options, **dict((method_options or {}).get(method, {}))}
+        runs[method].append(
+            train(model, train_docs, test_docs, method, progress=progress, **options)
+        )
+    return runs
+
+
+def summarise_runs(runs: Mapping[str, Sequence[TrainingRun]]) -> dict[str, dict[str, float]]:
+    """One row of numbers per method, over its runs (seeds).
+
+    Returns method -> ``test_elbo`` and ``test_elbo_sd`` (final held-out ELBO per token, mean
+    and standard deviation over runs; sd 0 for one run), ``train_elbo`` (final, mean),
+    ``grad_variance`` (median over all measurements of all runs), ``wall_time`` (seconds per
+    run) and ``ms_per_step``.
+
+    Example:
+        >>> from gradkit.models.topic import TrainingRun, summarise_runs
+        >>> run = TrainingRun("loo", [0, 10], [-3.0, -2.5], [-3.1, -2.6], [0], [4.0], 0.5)
+        >>> summarise_runs({"loo": [run]})["loo"]["ms_per_step"]
+        50.0
+    """
+    out = {}
+    for method, method_runs in runs.items():
+        if not method_runs:
+            raise ValueError(f"method {method!r} has no runs to summarise")
+        test = torch.tensor([r.test_elbo[-1] for r in method_runs], dtype=torch.float64)
+        train = torch.tensor([r.train_elbo[-1] for r in method_runs], dtype=torch.float64)
+        variance = torch.tensor([v for r in method_runs for v in r.grad_variance])
+        steps = sum(r.eval_steps[-1] for r in method_runs)
+        wall = sum(r.wall_time for r in method_runs)
+        out[method] = {
+            "test_elbo": float(test.mean()),
+            "test_elbo_sd": float(test.std()) if len(test) > 1 else 0.0,
+            "train_elbo": float(train.mean()),
+            "grad_variance": float(variance.median()) if len(variance) else float("nan"),
+            "wall_time": wall / len(method_runs),
+            "ms_per_step": 1000 * wall / max(steps, 1),
+        }
+    return out
+
+
+def factor_words(
+    model: BernoulliTopicModel, vocabulary: Sequence[str], top: int = 8
+) -> list[list[str]]:
+    """The ``top`` words whose probability factor ``j`` raises most, for each factor.
+
+    Example:
+        >>> from gradkit.models.topic import BernoulliTopicModel, factor_words
+        >>> len(factor_words(BernoulliTopicModel(5, 2), list("abcde"), top=3)[1])
+        3
+    """
+    if len(vocabulary) != model.vocab_size:
+        raise ValueError(
+            f"vocabulary has {len(vocabulary)} words but the model has "
+            f"vocab_size={model.vocab_size}; pass the vocabulary the documents were counted over"
+        )
+    index = model.factor_effects().topk(top, dim=-1).indices.tolist()
+    return [[vocabulary[i] for i in row] for row in index]
+
+
+def plot_curves(
+    runs: Mapping[str, Sequence[TrainingRun]], key: str, ax: Any, *, log: bool = False
+) -> None:
+    """Plot one recorded curve per method: the mean over seeds and a min-max band.
+
+    ``key`` is ``"train_elbo"``, ``"test_elbo"`` or ``"grad_variance"``; ``log`` averages
+    on a log scale and uses a log y-axis.
+
+    Example:
+        >>> import matplotlib
+        >>> matplotlib.use("Agg")
+        >>> import matplotlib.pyplot as plt
+        >>> from gradkit.models.topic import TrainingRun, plot_curves
+        >>> run = TrainingRun("loo", eval_steps=[0, 1], test_elbo=[-3.0, -2.0])
+        >>> fig, ax = plt.subplots()
+        >>> plot_curves({"loo": [run]}, "test_elbo", ax)
+        >>> len(ax.lines)
+        1
+    """
+    if key not in {"train_elbo", "test_elbo", "grad_variance"}:
+        raise ValueError(f"key must be 'train_elbo', 'test_elbo' or 'grad_variance', got {key!r}")
+    steps_key = "variance_steps" if key == "grad_variance" else "eval_steps"
+    for method, method_runs in runs.items():
+        values = torch.tensor([getattr(r, key) for r in method_runs], dtype=torch.float64)
+        if log:
+            values = values.log()
+        mean, low, high = values.mean(0), values.min(0).values, values.max(0).values
+        if log:
+            mean, low, high = mean.exp(), low.exp(), high.exp()
+        steps = getattr(method_runs[0], steps_key)
+        style = "--" if METHODS[method][1] else "-"
+        (line,) = ax.plot(steps, mean.numpy(), style, label=METHODS[method][0])
+        if len(method_runs) > 1:
+            ax.fill_between(steps, low.numpy(), high.numpy(), color=line.get_color(), alpha=0.2)
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel("training step")
+
+
+def plot_factor_words(
+    model: BernoulliTopicModel, vocabulary: Sequence[str], top: int = 8, columns: int = 4
+) -> Any:
+    """A grid of bar charts: for each factor, the words it turns on and by how much (nats).
+
+    Example:
+        >>> import matplotlib
+        >>> matplotlib.use("Agg")
+        >>> from gradkit.models.topic import BernoulliTopicModel, plot_factor_words
+        >>> fig = plot_factor_words(BernoulliTopicModel(6, 3), list("abcdef"), top=2)
+        >>> len(fig.axes)
+        4
+    """
+    import matplotlib.pyplot as plt
+
+    effects = model.factor_effects().cpu()
+    values, index = effects.topk(top, dim=-1)
+    k = model.num_factors
+    rows = -(-k // columns)
+    size = (3.2 * columns, (0.28 * top + 0.6) * rows)
+    fig, axes = plt.subplots(rows, columns, figsize=size, squeeze=False)
+    for j, ax in enumerate(axes.flat):
+        if j >= k:
+            ax.axis("off")
+            continue
+        ax.barh(range(top), values[j].flip(0).numpy(), color=f"C{j % 10}")
+        ax.set_yticks(range(top), [vocabulary[i] for i in index[j].flip(0).tolist()])
+        ax.set_title(f"factor {j + 1}", fontsize=10)
+        ax.tick_params(labelsize=8)
+    fig.supxlabel(r"$\log g_\theta(e_j)_w - \log g_\theta(0)_w$ (nats)")
+    fig.tight_layout()
+    return fig
