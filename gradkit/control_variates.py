@@ -68,7 +68,7 @@ def _moments(dist: Distribution, shape: torch.Size) -> tuple[Tensor, Tensor, boo
         if base.event_shape == torch.Size():
             cov = dist.variance.expand(shape).reshape(-1)
             diagonal = True
-        elif len(base.event_shape) == 1 and hasattr(type(base), "covariance_matrix"):
+        elif len(base.event_shape) == 1 and hasattr(base, "covariance_matrix"):
             k = base.event_shape[0]
             cov = base.covariance_matrix.expand(*base.batch_shape, k, k).reshape(-1, k, k)
             diagonal = False

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -32,6 +32,7 @@ __all__ = [
 ]
 
 Exact = Mapping[str, Tensor | float] | None
+_Moments = tuple[int, Tensor, Tensor]  # count, mean, sum of squared deviations
 
 
 @dataclass(frozen=True)
@@ -102,21 +103,21 @@ class GradientSummary:
         Raises:
             ValueError: without an exact value to compare with.
         """
-        bias = self.bias
-        if bias is None:
+        bias, exact = self.bias, self.exact
+        if bias is None or exact is None:
             raise ValueError(
                 "this summary has no exact value to compare with; pass exact={name: value} "
                 "to gradient_moments or summarize"
             )
         slack = (
-            100 * torch.finfo(self.mean.dtype).eps * (1 + self.exact.abs())
+            100 * torch.finfo(self.mean.dtype).eps * (1 + exact.abs())
             if atol is None
             else torch.as_tensor(atol, dtype=self.mean.dtype, device=self.mean.device)
         )
         return bool((bias.abs() <= k * self.standard_error + slack).all())
 
 
-def _moments(estimates: Tensor) -> tuple[int, Tensor, Tensor]:
+def _moments(estimates: Tensor) -> _Moments:
     """Count, mean and sum of squared deviations over dim 0 (in at least float32)."""
     values = estimates.detach()
     if not values.is_floating_point():
@@ -125,7 +126,7 @@ def _moments(estimates: Tensor) -> tuple[int, Tensor, Tensor]:
     return values.shape[0], mean, (values - mean).pow(2).sum(0)
 
 
-def _merge(a: tuple[int, Tensor, Tensor], b: tuple[int, Tensor, Tensor]) -> tuple:
+def _merge(a: _Moments, b: _Moments) -> _Moments:
     """Pool two (count, mean, squared deviations) triples (Chan, Golub and LeVeque 1983)."""
     (na, ma, sa), (nb, mb, sb) = a, b
     n = na + nb
@@ -170,7 +171,9 @@ def _exact_for(exact: Exact, names: list[str], means: dict[str, Tensor]) -> dict
     return out
 
 
-def _summaries(pooled: dict[str, tuple], num_samples: int, exact: Exact) -> dict:
+def _summaries(
+    pooled: dict[str, _Moments], num_samples: int, exact: Exact
+) -> dict[str, GradientSummary]:
     exact_values = _exact_for(exact, list(pooled), {k: v[1] for k, v in pooled.items()})
     out = {}
     for name, (count, mean, squares) in pooled.items():
@@ -291,7 +294,7 @@ def gradient_moments(
             "gradient_moments needs at least 2 estimates in all to measure a variance, got "
             "num_samples=1 and repeats=1; raise either"
         )
-    pooled: dict[str, tuple] = {}
+    pooled: dict[str, _Moments] = {}
     for _ in range(repeats):
         run = _check_estimates(estimator(f, dist, num_samples, **options), "the estimator result")
         for name, values in run.items():
@@ -334,7 +337,8 @@ def gradient_variance(grads: Tensor | Mapping[str, Tensor]) -> Tensor:
             "gradient_variance needs at least 2 repeated estimates along dim 0, got shapes "
             f"{[tuple(g.shape) for g in parts]}"
         )
-    return sum(g.detach().var(0).sum() for g in parts)
+    # parts is not empty, so sum never returns its start value 0.
+    return cast(Tensor, sum(g.detach().var(0).sum() for g in parts))
 
 
 def repeated_gradients(

@@ -48,7 +48,11 @@ def _leggauss(num_nodes: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _legendre(
-    num_nodes: int, low: float, high: float, dtype: torch.dtype, device: torch.device | None
+    num_nodes: int,
+    low: float,
+    high: float,
+    dtype: torch.dtype,
+    device: torch.device | str | None,
 ) -> tuple[Tensor, Tensor]:
     """Gauss–Legendre nodes and weights for :math:`\\int_{low}^{high} h(t)\\,dt`."""
     if isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or num_nodes < 2:
@@ -284,6 +288,7 @@ def _score_function_moments(
     z, w = normal_rule(n)
     fx = _evaluate(f, mu + sigma * z)
     s = _score(z, sigma, param)
+    b: float | Tensor
     if baseline is None:
         b = 0.0
     elif baseline == "optimal":

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any, TypeVar, cast
 
 import torch
 from scipy.special import roots_hermitenorm
@@ -59,6 +60,7 @@ __all__ = [
 ]
 
 CdfFn = Callable[[Distribution, Tensor], Tensor]
+_D = TypeVar("_D", bound=Distribution)
 CostFn = Callable[[Tensor], Tensor]
 _CDFS: dict[type, CdfFn] = {}
 
@@ -127,7 +129,7 @@ class _RegularizedGammaP(torch.autograd.Function):
     """:math:`P(a, z)` with gradients in both arguments (torch's ``gammainc`` has none in a)."""
 
     @staticmethod
-    def forward(ctx, a: Tensor, z: Tensor) -> Tensor:
+    def forward(ctx: Any, a: Tensor, z: Tensor) -> Tensor:
         work = _work_dtype(z)
         aw, zw = a.to(work), z.to(work)
         value, d_a = _blockwise(_gammainc_series, aw, zw)
@@ -137,7 +139,7 @@ class _RegularizedGammaP(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor]:
         d_a, density = ctx.saved_tensors
         return grad * d_a, grad * density
 
@@ -226,7 +228,7 @@ class _RegularizedBeta(torch.autograd.Function):
     """:math:`I_x(a, b)` with gradients in all three arguments."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    def forward(ctx: Any, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
         work = _work_dtype(x)
         xw, aw, bw = x.to(work), a.to(work), b.to(work)
         # I_x(a, b) = 1 - I_{1-x}(b, a): sum the series where it converges fast (argument <= 1/2).
@@ -250,7 +252,7 @@ class _RegularizedBeta(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         density, d_a, d_b = ctx.saved_tensors
         return grad * density, grad * d_a, grad * d_b
 
@@ -291,7 +293,9 @@ def beta_cdf(
     return _RegularizedBeta.apply(value, a, b)
 
 
-def register_cdf(cls: type) -> Callable[[CdfFn], CdfFn]:
+def register_cdf(
+    cls: type[_D],
+) -> Callable[[Callable[[_D, Tensor], Tensor]], Callable[[_D, Tensor], Tensor]]:
     r"""Register a differentiable CDF for a distribution type (a decorator).
 
     The function takes ``(dist, value)`` and returns :math:`F(\text{value}; \theta)`,
@@ -319,8 +323,9 @@ def register_cdf(cls: type) -> Callable[[CdfFn], CdfFn]:
             "use it as @register_cdf(MyDistribution)"
         )
 
-    def decorator(fn: CdfFn) -> CdfFn:
-        _CDFS[cls] = fn
+    def decorator(fn: Callable[[_D, Tensor], Tensor]) -> Callable[[_D, Tensor], Tensor]:
+        # differentiable_cdf calls fn only on instances of cls (it looks cls up along the MRO).
+        _CDFS[cls] = cast(CdfFn, fn)
         return fn
 
     return decorator
@@ -372,8 +377,7 @@ def differentiable_cdf(dist: Distribution, value: Tensor) -> Tensor:
 
 def _univariate_base(dist: object) -> Distribution:
     """The scalar distribution under any ``Independent`` wrappers; errors name the fix."""
-    _checks.check_distribution(dist)
-    base, _ = base_distribution(dist)
+    base, _ = base_distribution(_checks.check_distribution(dist))
     name = type(base).__name__
     if tuple(base.event_shape) != ():
         raise ValueError(
@@ -382,7 +386,8 @@ def _univariate_base(dist: object) -> Distribution:
             "scalar distribution and wrap it, Independent(Normal(loc, scale), 1); for a "
             "multivariate distribution use its own rsample or gk.score_function"
         )
-    if base.support.is_discrete:
+    support = base.support
+    if support is not None and support.is_discrete:
         raise ValueError(
             f"{name} is discrete: its samples are step functions of the parameters and have "
             "no reparameterisation. Use gk.score_function, gk.measure_valued, or the relaxed "
@@ -592,15 +597,15 @@ def gaussian_gradient_moments(
     if isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or num_nodes < 2:
         raise ValueError(f"num_nodes must be an int >= 2, got {num_nodes!r}; the default is 160")
     device = loc.device if isinstance(loc, Tensor) else None
-    loc = torch.as_tensor(loc, dtype=torch.float64, device=device)
-    scale = torch.as_tensor(scale, dtype=torch.float64, device=loc.device)
-    if bool((scale <= 0).any()) or not bool(torch.isfinite(scale).all()):
+    loc_t = torch.as_tensor(loc, dtype=torch.float64, device=device)
+    scale_t = torch.as_tensor(scale, dtype=torch.float64, device=loc_t.device)
+    if bool((scale_t <= 0).any()) or not bool(torch.isfinite(scale_t).all()):
         raise ValueError("scale must be positive and finite; pass sigma > 0")
-    loc, scale = torch.broadcast_tensors(loc, scale)
+    loc_t, scale_t = torch.broadcast_tensors(loc_t, scale_t)
     nodes, weights = roots_hermitenorm(num_nodes)
-    eps = torch.as_tensor(nodes, dtype=torch.float64, device=loc.device)
-    w = torch.as_tensor(weights / weights.sum(), dtype=torch.float64, device=loc.device)
-    mu, sigma = loc.unsqueeze(-1), scale.unsqueeze(-1)
+    eps = torch.as_tensor(nodes, dtype=torch.float64, device=loc_t.device)
+    w = torch.as_tensor(weights / weights.sum(), dtype=torch.float64, device=loc_t.device)
+    mu, sigma = loc_t.unsqueeze(-1), scale_t.unsqueeze(-1)
     with torch.enable_grad():
         x = (mu + sigma * eps).detach().requires_grad_(estimator == "pathwise")
         fx = f(x)
@@ -641,9 +646,11 @@ def _check_logits(logits: object) -> Tensor:
 
 
 def _check_temperature(temperature: object) -> float | Tensor:
-    ok = isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
-    ok = ok or (isinstance(temperature, Tensor) and temperature.numel() == 1)
-    if not ok:
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float, Tensor))
+        or (isinstance(temperature, Tensor) and temperature.numel() != 1)
+    ):
         raise TypeError(
             f"temperature must be a positive number, got {type(temperature).__name__}; "
             "pass e.g. temperature=0.5"
@@ -808,7 +815,8 @@ def gumbel_softmax(
             name: p.detach().expand(num_samples, *p.shape).clone().requires_grad_()
             for name, p in params.items()
         }
-        rebuilt, _ = base_distribution(rebuild(dist, copies))
+        # rebuild keeps the class, so the rebuilt base is a Categorical or Bernoulli like base.
+        rebuilt = cast("Categorical | Bernoulli", base_distribution(rebuild(dist, copies))[0])
         if isinstance(base, Bernoulli):
             y = _binary_concrete(rebuilt.logits, tau, straight_through)
         else:

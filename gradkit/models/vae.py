@@ -129,12 +129,12 @@ class VAE(nn.Module):
         self.decoded += z.numel() // self.z_dim
         return self.fc4(F.relu(self.fc3(z)))
 
-    def posterior(self, x: Tensor) -> Independent:
+    def posterior(self, x: Tensor) -> Independent[Normal]:
         r""":math:`q_\phi(z\mid x)` as ``Independent(Normal(mu, std), 1)``, batch shape ``B``."""
         mu, std = self.encode(x)
         return Independent(Normal(mu, std), 1)
 
-    def prior(self) -> Independent:
+    def prior(self) -> Independent[Normal]:
         r""":math:`p(z) = \mathcal N(0, I)` on the model's device and dtype."""
         zeros = self.fc3.weight.new_zeros(self.z_dim)
         return Independent(Normal(zeros, torch.ones_like(zeros)), 1)
