@@ -13,6 +13,10 @@ from gradkit import (
     diagnostics,
     distributions,
     per_sample,
+    quadrature,
+    rao_blackwell,
+    reparam,
+    scg,
 )
 from gradkit.distributions import DoubleSidedMaxwell
 from gradkit.estimators import (
@@ -49,8 +53,12 @@ __all__ = [
     "pathwise",
     "per_sample",
     "per_sample_grads",
+    "quadrature",
+    "rao_blackwell",
     "register_weak_derivative",
     "registered_weak_derivatives",
+    "reparam",
+    "scg",
     "score",
     "score_function",
 ]
