@@ -42,7 +42,7 @@ test: setup lint ## Everything that checks the project: lint, unit/statistical t
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: setup ## Speed and variance benchmarks (CSV, tables and figures in benchmarks/results)
-	$(PY) -m pip install --quiet -e '.[peers]' -c constraints.txt
+	$(PY) -m pip install --quiet --no-build-isolation -e '.[peers]' -c constraints.txt
 	$(PY) -m benchmarks --out benchmarks/results
 
 clean: ## Remove everything the build made (venv included)

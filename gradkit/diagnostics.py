@@ -249,7 +249,7 @@ def gradient_moments(
     from one run to the next.
 
     Args:
-        estimator: a callable like :func:`gradkit.score_function`, or its name in
+        estimator: a callable like :func:`gradkit.estimators.score_function`, or its name in
             ``gk.ESTIMATORS``.
         f: cost, as the estimator takes it.
         dist: the distribution.

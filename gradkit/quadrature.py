@@ -429,8 +429,8 @@ def gaussian_gradient_variance(
     return float((m2 - m1**2).clamp_min(0.0))
 
 
-#: The methods of the survey's variance study (Mohamed et al. 2020, §3): display name ->
-#: (estimator, options of :func:`gaussian_gradient_variance`). The Monte Carlo side maps
+#: Methods of the survey's variance study (Mohamed et al. 2020, section 3), as display name
+#: -> (estimator, options of :func:`gaussian_gradient_variance`). The Monte Carlo side maps
 #: ``baseline="optimal"`` to the library's leave-one-out ``OptimalConstant`` baseline.
 STUDY_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "score function": ("score_function", {}),

@@ -103,7 +103,7 @@ def score_function(
         dist: a ``torch.distributions.Categorical``, built from ``probs`` or ``logits``.
         num_samples: samples of the remaining categories per estimate (>= 1).
         num_summed: number of most probable categories summed exactly, ``0 <= k <= K``.
-        baseline: as for :func:`gradkit.score_function`: ``None``, a number, or a
+        baseline: as for :func:`gradkit.estimators.score_function`: ``None``, a number, or a
             :class:`gradkit.baselines.Baseline` (``LeaveOneOut`` needs ``num_samples >= 2``).
 
     Returns:

@@ -39,7 +39,7 @@ Uniform(l, h)   high            :math:`1/(h-l)`; δ_h; U(l, h)
 Uniform(l, h)   low             :math:`1/(h-l)`; U(l, h); δ_l
 ==============  ==============  ==================================================================
 
-:func:`measure_valued_estimates` is the engine behind :func:`gradkit.measure_valued` and
+:func:`measure_valued_estimates` is the engine behind :func:`gradkit.estimators.measure_valued` and
 ``gradkit.expectation(..., estimator="measure_valued")``: it perturbs every parameter
 coordinate of every sample in one batched call of ``f`` (in chunks), one coordinate of the
 event for the whole batch at once when ``f`` is a plate.
@@ -381,7 +381,8 @@ def _categorical_probs(dist: Categorical, x: Tensor, coupling: bool) -> WeakDeri
     r"""Categorical probabilities: :math:`\partial_{\pi_j}\mathbb E f = f(j) - \mathbb E f`.
 
     torch normalises the probabilities, :math:`p(k) = \pi_k / \sum_i \pi_i`, and gradkit
-    differentiates through that normalisation (as :func:`gradkit.score_function` does); at
+    differentiates through that normalisation (as :func:`~gradkit.estimators.score_function`
+    does); at
     :math:`\sum_i \pi_i = 1`, :math:`\partial_{\pi_j} p(k) = \delta_{jk} - p(k)`: :math:`c = 1`,
     :math:`p^+ = \delta_j`, :math:`p^- = p` itself (Mohamed et al. 2020, §6,
     ``mohamed2020monte``). Coupled: :math:`x^-` is the sample itself; uncoupled: a fresh draw.

@@ -380,3 +380,29 @@ def test_pathwise_of_a_step_function_is_zero_and_therefore_wrong():
     assert_unbiased(
         {"loc": gk.score_function(step, d, 50_000)["loc"]}, {"loc": torch.tensor(exact)}
     )
+
+
+@pytest.mark.parametrize(
+    "dist",
+    [
+        D.Normal(torch.tensor([0.5, -1.0]), torch.tensor([1.0, 2.0])),
+        D.Categorical(logits=torch.tensor([[0.1, 0.5, -1.0], [0.0, 0.0, 2.0]])),
+        D.Gamma(torch.tensor([2.0, 0.5]), torch.tensor([1.0, 3.0])),
+        D.MultivariateNormal(torch.zeros(2), scale_tril=torch.tensor([[1.0, 0.0], [0.3, 0.7]])),
+        D.Independent(D.Bernoulli(probs=torch.full((3, 4), 0.3)), 1),
+    ],
+    ids=["normal", "categorical", "gamma", "mvn", "independent_bernoulli"],
+)
+def test_score_equals_torch_func_per_sample_gradients(dist):
+    from torch.func import grad, vmap
+
+    x = dist.sample((6,))
+    params = {k: v.detach() for k, v in gk.distributions.parameters(dist).items()}
+
+    def log_density(p, xs):
+        return gk.distributions.rebuild(dist, p).log_prob(xs).sum()
+
+    reference = vmap(grad(log_density), in_dims=(None, 0))(params, x)
+    ours = gk.score(dist, x)
+    for name in params:
+        assert torch.allclose(ours[name], reference[name], atol=1e-6), name

@@ -12,7 +12,7 @@ maximising the evidence lower bound
 
 (Jaakkola and Jordan 2000; Blei, Kucukelbir and McAuliffe 2017). The KL term is analytic; the
 gradient of the expected log-likelihood with respect to :math:`(m, s)` comes from the estimator
-the caller names through :func:`gradkit.expectation`, with
+the caller names through :func:`gradkit.estimators.expectation`, with
 :math:`q = \mathrm{Independent}(\mathrm{Normal}(m, s), 1)`. This is the benchmark of Mohamed,
 Rosca, Figurnov and Mnih (2020, §8.3): a problem small enough that every estimator can be run
 to convergence, on the breast-cancer data (:func:`load_breast_cancer_data`).
@@ -209,7 +209,7 @@ class BayesianLogisticRegression(nn.Module):
         r"""Monte Carlo ELBO whose gradient (``backward()``) is the named estimator's.
 
         :math:`\frac1S\sum_s \log p(y \mid X, w_s) - \mathrm{KL}`, :math:`w_s \sim q`, computed
-        with :func:`gradkit.expectation`.
+        with :func:`gradkit.estimators.expectation`.
 
         Args:
             features: ``(N, D)``.

@@ -23,7 +23,7 @@ has an analytic KL between factorised Bernoullis. :math:`\theta` gets the ordina
 the sampled log-likelihood; :math:`\lambda` needs a gradient estimator for a discrete
 distribution, chosen with :class:`GradientEstimator`: the score function (no baseline, moving
 average, learned input-dependent :math:`C(x)`, leave-one-out) through
-:func:`gradkit.expectation`, local expectation gradients, or the biased straight-through
+:func:`gradkit.estimators.expectation`, local expectation gradients, or the biased straight-through
 Gumbel estimator. :func:`train` runs the optimisation and records ELBO curves and the variance
 of the inference network's gradient.
 """
@@ -63,7 +63,7 @@ __all__ = [
     "train",
 ]
 
-#: The estimators of the inference network's gradient: name -> (label, biased).
+#: Estimators of the inference network's gradient, as name -> (label, whether it is biased).
 METHODS: dict[str, tuple[str, bool]] = {
     "none": ("score function, no baseline", False),
     "ema": ("score function + moving average", False),
@@ -300,7 +300,7 @@ class GradientEstimator(nn.Module):
 
     * ``"none"``, ``"ema"``, ``"learned"``, ``"loo"``: the score function
       :math:`(\log p_\theta(x \mid z_s) - b)\,\nabla_\lambda \log q_\lambda(z_s \mid x)`
-      (Williams 1992) through :func:`gradkit.expectation` with
+      (Williams 1992) through :func:`gradkit.estimators.expectation` with
       ``q = Independent(Bernoulli(logits), 1)`` and one learning signal per document (a plate);
       the baseline :math:`b` is zero, an exponential moving average, a learned
       :math:`C_\omega(x)` (:class:`DocumentBaseline` trained by L2 regression onto the signal,

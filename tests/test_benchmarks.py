@@ -1,0 +1,194 @@
+"""The benchmarks run, at tiny sizes, and their statistics flag what they should.
+
+Peers (Pyro, Storchastic) are optional: their tests skip, with the reason, when a peer is not
+installed. Numbers from these runs mean nothing; the benchmarks' own numbers come from
+``make bench``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from benchmarks import __main__ as cli
+from benchmarks import (
+    bench_peers,
+    bench_per_sample,
+    bench_scaling,
+    peers,
+    problems,
+    report,
+)
+from benchmarks.common import (
+    load_results,
+    summarise,
+    time_call,
+    verdict,
+    write_results,
+)
+
+# --- statistics -------------------------------------------------------------------------------
+
+
+def test_summarise_matches_hand_computation():
+    s = summarise(torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor(2.0))
+    assert s["mean"] == pytest.approx(2.5)
+    assert s["variance"] == pytest.approx(5 / 3)
+    assert s["max_abs_z"] == pytest.approx(0.5 / math.sqrt(5 / 3 / 4), rel=1e-4)
+
+
+def test_wrong_mean_is_flagged_and_exact_estimator_is_not():
+    torch.manual_seed(0)
+    noise = torch.randn(1000)
+    biased = summarise(0.025 + 0.01 * noise + 0.003, torch.tensor(0.025))
+    unbiased = summarise(0.025 + 0.01 * noise, torch.tensor(0.025))
+    exact = summarise(torch.full((1000,), 0.025) + 1e-9 * noise, torch.tensor(0.025))
+    assert verdict(biased["max_abs_z"]).startswith("WRONG MEAN")
+    assert verdict(unbiased["max_abs_z"]) == "ok"
+    assert verdict(exact["max_abs_z"]) == "ok"
+    assert verdict(math.nan, "RuntimeError: boom") == "fails: RuntimeError: boom"
+
+
+def test_summarise_rejects_bad_input():
+    with pytest.raises(ValueError, match="at least 2 estimates"):
+        summarise(torch.ones(1), torch.tensor(1.0))
+    with pytest.raises(ValueError, match="do not match the exact gradient"):
+        summarise(torch.ones(5, 3), torch.ones(2))
+    with pytest.raises(ValueError, match="repeats >= 1"):
+        time_call(lambda: None, repeats=0)
+
+
+# --- problems ---------------------------------------------------------------------------------
+
+
+def test_exact_gradients():
+    assert problems.get("bernoulli").exact()["logits"].item() == pytest.approx(0.025)
+    exact = problems.get("gaussian").exact()
+    assert (exact["loc"].item(), exact["scale"].item()) == (2.0, 3.0)
+    with pytest.raises(KeyError, match="unknown problem 'nope'"):
+        problems.get("nope")
+
+
+def test_factorised_exact_gradient_matches_a_large_leave_one_out_estimate():
+    # The enumeration over blocks against an unbiased estimator: 200 copies x 50 samples.
+    spec = problems.get("factorised")
+    dist = spec.distribution(spec.parameters(200))
+    import gradkit as gk
+
+    g = gk.score_function(spec.cost, dist, 50, baseline=gk.baselines.LeaveOneOut())
+    stats = summarise(g["logits"].mean(0), spec.exact()["logits"])
+    assert stats["max_abs_z"] < 4.5  # max over 64 coordinates
+
+
+# --- the peer comparison, gradkit only ------------------------------------------------------
+
+
+def test_compare_gradkit_rows_are_correct():
+    table, _ = bench_peers.compare("bernoulli", copies=100, samples=20, repeats=1, peers=())
+    assert list(table.columns) == bench_peers.COLUMNS
+    assert set(table.library) == {"gradkit"}
+    assert (table.verdict == "ok").all(), table[["estimator", "mode", "verdict"]]
+    assert set(table.estimator) >= {"score_function", "score_function+leave_one_out"}
+    # the moving average is sequential: per call only
+    ma = table[table.estimator == "score_function+moving_average"]
+    assert list(ma["mode"]) == ["per_call"]
+
+
+def test_compare_rejects_too_few_estimates():
+    with pytest.raises(ValueError, match="copies >= 2"):
+        bench_peers.compare("gaussian", copies=1, samples=10, peers=())
+
+
+def test_plot_and_headline():
+    table, _ = bench_peers.compare("gaussian", copies=10, samples=10, repeats=1, peers=())
+    fig = bench_peers.plot(table, "gaussian")
+    assert len(fig.axes) == 2
+    assert report.headline(table).empty  # no peers, nothing to compare
+
+
+# --- peers (optional) -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("peer", sorted(peers.PEERS))
+def test_peer_matches_gradkit(peer):
+    reason = peers.missing(peer)
+    if reason:
+        pytest.skip(reason)
+    table, skipped = bench_peers.compare("gaussian", copies=50, samples=10, repeats=1, peers=[peer])
+    assert peer not in skipped
+    theirs = table[table.library == peer]
+    assert set(theirs.estimator) == {"pathwise", "score_function"}
+    assert (theirs.verdict == "ok").all(), theirs[["estimator", "mode", "verdict"]]
+    # the same estimator with the same seed: the same variance up to sampling noise
+    batched = theirs[theirs["mode"] == "batched"]
+    assert batched.variance_vs_gradkit.between(0.5, 2.0).all()
+    head = report.headline(table)
+    assert set(head.peer) == {peer} and (head.slower_best > 0).all()
+
+
+def test_missing_peer_reason():
+    assert "unknown peer" in peers.missing("nope")
+    with pytest.raises(RuntimeError, match="unknown peer"):
+        peers.PeerWorker("nope")
+    with pytest.raises(ValueError, match="unknown peer"):
+        peers.estimate("nope", "gaussian", "pathwise", "batched", 2, 2)
+
+
+# --- per-sample gradients and scaling ----------------------------------------------------------
+
+
+def test_per_sample_agrees_with_loop():
+    table = bench_per_sample.compare((3, 17), repeats=1)
+    assert table.agree.all()
+    assert (table.max_abs_diff < 1e-5).all()
+
+
+def test_scaling_sweep_and_slopes():
+    table = bench_scaling.sweep(bench_scaling.QUICK_SWEEPS, repeats=1)
+    estimators = set(bench_scaling.estimator_calls())
+    assert set(table.estimator) == estimators
+    assert len(table) == 6 * len(estimators)
+    assert (table.seconds > 0).all()
+    assert report.slopes(table).shape == (len(estimators), 3)
+    assert len(bench_scaling.plot(table).axes) == 3
+
+
+# --- running benchmarks, results on disk, the chapter's loader --------------------------------
+
+
+@pytest.mark.parametrize("name", cli.discover())
+def test_each_benchmark_runs_quick(name, tmp_path):
+    cli.run_one(name, tmp_path, quick=True, peers=False)
+    written = {p.suffix for p in tmp_path.iterdir()}
+    assert {".csv", ".json", ".png"} <= written
+
+
+def test_command_line(tmp_path, capsys):
+    assert cli.main(["--out", str(tmp_path), "--quick", "--only", "bench_per_sample"]) == 0
+    table, meta = load_results("per_sample", tmp_path)
+    assert list(table.samples) == [10, 100]
+    assert meta["quick"] is True
+    assert meta["machine"]["cpu_count"] >= 1 and "torch" in meta["machine"]["versions"]
+    assert (tmp_path / "per_sample.png").exists()
+    assert "per_sample" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["--only", "bench_nothing"])
+
+
+def test_obtain_reads_results_or_runs(tmp_path):
+    import pandas as pd
+
+    write_results(tmp_path, "per_sample", pd.DataFrame({"samples": [1]}), meta={"quick": True})
+    got = report.obtain("per_sample", "smoke", directory=tmp_path)
+    assert got.origin.startswith("read from") and "--quick" in got.origin
+    ran = report.obtain("per_sample", "smoke", directory=tmp_path / "empty")
+    assert ran.origin.startswith("run now") and ran.table.agree.all()
+    assert report.machines([got, ran]).shape[0] == 2
+    assert report.other_results(tmp_path)["csv"] == []
+    (tmp_path / "mvd_vae.json").write_text(json.dumps({"quick": True}))
+    assert [p.name for p in report.other_results(tmp_path)["json"]] == ["mvd_vae.json"]
+    with pytest.raises(ValueError, match="name must be one of"):
+        report.obtain("nothing", "smoke")
