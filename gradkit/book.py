@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,8 @@ class Context:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.start = time.perf_counter()
         seed_everything(self.seed)
+        # tqdm.auto falls back to text progress bars without ipywidgets; that is what we want
+        warnings.filterwarnings("ignore", message="IProgress not found")
 
     def pick(self, *, smoke: Any, default: Any, paper: Any) -> Any:
         """The value for this run's scale."""
