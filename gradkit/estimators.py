@@ -22,7 +22,7 @@ Otherwise every element is treated as coupled to every other.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -32,7 +32,7 @@ from torch.distributions import Distribution
 from gradkit import _checks
 from gradkit.baselines import Baseline, Constant
 from gradkit.control_variates import ControlVariate
-from gradkit.distributions import parameters, rebuild, support_parameters
+from gradkit.distributions import base_distribution, parameters, rebuild, support_parameters
 
 __all__ = ["ESTIMATORS", "expectation", "measure_valued", "pathwise", "score", "score_function"]
 
@@ -93,12 +93,13 @@ def score(dist: Distribution, x: Tensor) -> dict[str, Tensor]:
         (tensor([ 1., -2.]), tensor([0., 3.]))
     """
     num = x.shape[0]
-    with torch.enable_grad():
+    # inference_mode(False): the estimators work under torch.inference_mode() too
+    with torch.inference_mode(False), torch.enable_grad():
         copies = {
             name: p.detach().expand(num, *p.shape).clone().requires_grad_()
             for name, p in parameters(dist).items()
         }
-        log_density = rebuild(dist, copies).log_prob(x.detach()).sum()
+        log_density = rebuild(dist, copies).log_prob(x.detach().clone()).sum()
         grads = torch.autograd.grad(log_density, list(copies.values()), allow_unused=True)
     return {
         name: torch.zeros_like(c).detach() if g is None else g
@@ -232,7 +233,7 @@ def pathwise(f: CostFn, dist: Distribution, num_samples: int) -> dict[str, Tenso
     _checks.check_num_samples(num_samples)
     _require_rsample(dist)
     params = parameters(dist)
-    with torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad():
         copies = {
             name: p.detach().expand(num_samples, *p.shape).clone().requires_grad_()
             for name, p in params.items()
@@ -249,8 +250,39 @@ def pathwise(f: CostFn, dist: Distribution, num_samples: int) -> dict[str, Tenso
     }
 
 
+def _measure_valued_targets(dist: Distribution, wrt: Sequence[str] | None) -> list[str] | None:
+    """Which parameters the measure-valued estimator differentiates (``None``: all of them).
+
+    By default, a parameter without a registered weak derivative (Gamma's concentration) is
+    left out when it does not require grad, so a distribution with one registered parameter
+    can still be used; a parameter that requires grad but has no weak derivative is an error.
+    """
+    from gradkit.weak_derivatives import _lookup
+
+    if wrt is not None:
+        return list(wrt)
+    params = parameters(dist)
+    base, _ = base_distribution(dist)
+    registered = []
+    for name in params:
+        try:
+            _lookup(type(base), name)
+            registered.append(name)
+        except NotImplementedError:
+            if params[name].requires_grad:
+                raise  # the registry's error names the pair and lists what is registered
+    if not registered:
+        _lookup(type(base), next(iter(params)))  # raises: nothing to differentiate
+    return None if len(registered) == len(params) else registered
+
+
 def measure_valued(
-    f: CostFn, dist: Distribution, num_samples: int, *, coupling: bool = True
+    f: CostFn,
+    dist: Distribution,
+    num_samples: int,
+    *,
+    coupling: bool = True,
+    wrt: Sequence[str] | None = None,
 ) -> dict[str, Tensor]:
     r"""Measure-valued (weak-derivative) gradient estimates.
 
@@ -275,13 +307,16 @@ def measure_valued(
         dist: a distribution whose parameters all have registered weak derivatives.
         num_samples: number of samples ``S`` (>= 1).
         coupling: share random numbers between the positive and negative parts.
+        wrt: names of the parameters to differentiate. By default all of them, except that a
+            parameter with no registered weak derivative which does not require grad (Gamma's
+            ``concentration``) is left out of the result.
 
     Returns:
         dict parameter name -> per-sample estimates of shape ``(S, *param.shape)``.
 
     Raises:
         NotImplementedError: for a (distribution, parameter) pair with no registered weak
-            derivative; the message lists what is registered.
+            derivative that has to be differentiated; the message lists what is registered.
 
     Example:
         >>> import torch, gradkit as gk
@@ -299,7 +334,8 @@ def measure_valued(
     with torch.no_grad():
         x = dist.sample((num_samples,))
         fx = _checks.evaluate(f, x, (num_samples,))
-    return measure_valued_estimates(f, dist, x, fx, coupling=coupling)
+    targets = _measure_valued_targets(dist, wrt)
+    return measure_valued_estimates(f, dist, x, fx, coupling=coupling, wrt=targets)
 
 
 ESTIMATORS: dict[str, Callable[..., dict[str, Tensor]]] = {
@@ -325,9 +361,11 @@ def expectation(
     (a decoder's weights) get their ordinary gradient at the sampled points. If ``f`` itself
     depends on the parameters (an entropy term), that direct dependence is differentiated too.
 
-    For ``"score_function"`` and ``"measure_valued"``, ``f`` must return one value per sample
-    (``T = ()``) or one per batch element (``T = dist.batch_shape``); ``"pathwise"`` takes any
-    ``T``.
+    Any output shape ``T`` works with every estimator, and the gradient is exact for any
+    upstream gradient: the score-function and measure-valued parts are computed in the backward
+    pass for the cost contracted with it, :math:`\sum_t g_t f_t(x)`. When ``T`` equals the
+    batch shape each output element is credited only to its own batch element (a plate). For
+    the measure-valued estimator, the perturbed evaluations of ``f`` run in the backward pass.
 
     Args:
         f: cost, samples ``(S, *batch, *event)`` -> ``(S, *T)``.
@@ -365,25 +403,98 @@ def expectation(
     with torch.no_grad():
         x = dist.sample((num_samples,))
     fx = _checks.evaluate(f, x, (num_samples,))
-    plate = is_plate(dist, fx)
-    if not plate and fx.dim() > 1:
-        raise ValueError(
-            f"expectation with estimator={estimator!r} needs f to return shape "
-            f"({num_samples},) or ({num_samples}, *batch_shape) = "
-            f"({num_samples}, {', '.join(map(str, dist.batch_shape))}); got {tuple(fx.shape)}. "
-            "Reduce f's output over its extra dimensions inside f"
-        )
-    if estimator == "score_function":
-        grads = score_function_estimates(dist, x, fx.detach(), options.get("baseline"), f)
-    else:
-        from gradkit.weak_derivatives import measure_valued_estimates
-
-        grads = measure_valued_estimates(f, dist, x, fx.detach(), **options)
     value = fx.mean(0)
-    batch_ndim = len(dist.batch_shape) if plate else 0
-    for name, theta in params.items():
-        if not theta.requires_grad:
-            continue
-        term = (theta - theta.detach()) * grads[name].mean(0)
-        value = value + term.reshape(*term.shape[:batch_ndim], -1).sum(-1)
-    return value
+    names = [name for name, theta in params.items() if theta.requires_grad]
+    if not names:
+        return value
+    if estimator == "measure_valued":
+        _measure_valued_targets(dist, options.get("wrt"))  # early, clear error if unregistered
+    surrogate = _EstimatorGradient.apply(
+        _Backward(f, dist, x, fx.detach(), estimator, options, names),
+        *(params[name] for name in names),
+    )
+    return value + surrogate
+
+
+class _Backward:
+    r"""The estimator's gradient for an upstream gradient ``g`` of the expectation's value.
+
+    ``backward`` receives ``g`` of shape ``T``; the gradient of :math:`\sum_t g_t
+    \mathbb{E}[f_t]` is the chosen estimator applied to the contracted cost
+    :math:`\sum_t g_t f_t(x)`, which keeps the plate structure when ``T == batch_shape``
+    (then it is ``g_b f_b``, one value per batch element). The score function reuses the
+    samples' costs; the measure-valued estimator evaluates the contracted cost at the
+    perturbed points.
+    """
+
+    def __init__(
+        self,
+        f: CostFn,
+        dist: Distribution,
+        x: Tensor,
+        fx: Tensor,
+        estimator: str,
+        options: dict[str, Any],
+        names: list[str],
+    ) -> None:
+        self.f, self.dist, self.x, self.fx = f, dist, x, fx
+        self.estimator, self.options, self.names = estimator, options, names
+        self.shape = fx.shape[1:]
+
+    def contract(self, values: Tensor, g: Tensor, lead: int) -> Tensor:
+        weighted = values * g
+        if tuple(self.shape) == tuple(self.dist.batch_shape):
+            return weighted  # one value per batch element: the plate structure is kept
+        return weighted.reshape(*weighted.shape[:lead], -1).sum(-1)
+
+    def weighted_baseline(self, g: Tensor) -> Any:
+        """A constant baseline is given in units of ``f``: weight it like the cost."""
+        baseline = self.options.get("baseline")
+        if baseline is None or isinstance(baseline, (ControlVariate, Baseline)):
+            if not isinstance(baseline, Constant):
+                return baseline
+            baseline = baseline.constant
+        value = torch.as_tensor(baseline, dtype=self.fx.dtype, device=self.fx.device)
+        if tuple(self.shape) == tuple(self.dist.batch_shape):
+            return Constant(value * g)
+        return Constant(value * g.mean())
+
+    def gradients(self, g: Tensor) -> list[Tensor]:
+        g = g.detach()
+
+        def contracted(x: Tensor) -> Tensor:
+            fx = self.f(x)
+            return self.contract(fx, g, fx.dim() - len(self.shape))
+
+        fx = self.contract(self.fx, g, 1)
+        with torch.no_grad():
+            if self.estimator == "score_function":
+                grads = score_function_estimates(
+                    self.dist, self.x, fx, self.weighted_baseline(g), contracted
+                )
+            else:
+                from gradkit.weak_derivatives import measure_valued_estimates
+
+                targets = _measure_valued_targets(self.dist, self.options.get("wrt"))
+                grads = measure_valued_estimates(
+                    contracted,
+                    self.dist,
+                    self.x,
+                    fx,
+                    coupling=self.options.get("coupling", True),
+                    wrt=targets if targets is None else [n for n in targets if n in self.names],
+                )
+        return [grads[name].mean(0) for name in self.names]
+
+
+class _EstimatorGradient(torch.autograd.Function):
+    """Zero in the forward pass; the estimator's gradient for the parameters in backward."""
+
+    @staticmethod
+    def forward(ctx: Any, backward: _Backward, *thetas: Tensor) -> Tensor:
+        ctx.estimator = backward
+        return thetas[0].new_zeros(backward.shape)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        return (None, *ctx.estimator.gradients(grad_output))
