@@ -19,9 +19,13 @@ pieces that ``torch.distributions`` does not provide:
 * **The Gumbel-max trick and its relaxation** (Jang, Gu and Poole 2017; Maddison, Mnih and Teh
   2017): :func:`gumbel_max` samples a categorical variable exactly,
   :func:`gumbel_softmax_sample` draws its Concrete relaxation and :func:`gumbel_softmax` is the
-  (biased) relaxed pathwise gradient estimator.
-* :func:`gaussian_gradient_moments`: the exact mean and per-sample variance of the score-function
-  and pathwise estimators for a Gaussian, by Gauss-Hermite quadrature.
+  (biased) relaxed pathwise gradient estimator;
+  :func:`categorical_gradient` is the exact gradient by enumeration, and
+  :func:`relaxation_study` measures the relaxation's bias and variance against it, temperature
+  by temperature.
+
+Exact means and variances of the Gaussian score-function and pathwise estimators are in
+:mod:`gradkit.quadrature`.
 """
 
 from __future__ import annotations
@@ -31,7 +35,6 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar, cast
 
 import torch
-from scipy.special import roots_hermitenorm
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.distributions import (
@@ -47,9 +50,9 @@ from gradkit.distributions import base_distribution, parameters, rebuild
 
 __all__ = [
     "beta_cdf",
+    "categorical_gradient",
     "differentiable_cdf",
     "gamma_cdf",
-    "gaussian_gradient_moments",
     "gumbel_max",
     "gumbel_softmax",
     "gumbel_softmax_sample",
@@ -57,6 +60,7 @@ __all__ = [
     "implicit_pathwise",
     "implicit_rsample",
     "register_cdf",
+    "relaxation_study",
 ]
 
 CdfFn = Callable[[Distribution, Tensor], Tensor]
@@ -542,88 +546,6 @@ def implicit_pathwise(f: CostFn, dist: Distribution, num_samples: int) -> dict[s
 
 
 # --------------------------------------------------------------------------------------------
-# Exact moments of the Gaussian estimators
-# --------------------------------------------------------------------------------------------
-
-
-def gaussian_gradient_moments(
-    f: CostFn,
-    loc: Tensor | float,
-    scale: Tensor | float,
-    estimator: str,
-    *,
-    num_nodes: int = 160,
-) -> dict[str, tuple[Tensor, Tensor]]:
-    r"""Exact mean and per-sample variance of a Gaussian gradient estimator, by quadrature.
-
-    For :math:`x = \mu + \sigma\epsilon`, :math:`\epsilon \sim \mathcal N(0, 1)`, the
-    per-sample estimates are
-
-    * score function: :math:`f(x)\,\epsilon/\sigma` (for :math:`\mu`) and
-      :math:`f(x)(\epsilon^2 - 1)/\sigma` (for :math:`\sigma`);
-    * pathwise: :math:`f'(x)` and :math:`f'(x)\,\epsilon`.
-
-    Their mean :math:`m = \mathbb{E}[g]` and variance :math:`\mathbb{E}[(g-m)^2]` are computed
-    with ``num_nodes``-point Gauss-Hermite quadrature (``scipy.special.roots_hermitenorm``),
-    exact when :math:`g^2` is a polynomial of degree below ``2 * num_nodes`` and accurate for
-    smooth costs (Mohamed et al. 2020, §3, compare these estimators the same way). Not meant
-    for discontinuous ``f``. Vectorised over any shape of ``loc`` and ``scale``.
-
-    Args:
-        f: an elementwise torch function (differentiable for ``"pathwise"``).
-        loc: :math:`\mu`, tensor or number.
-        scale: :math:`\sigma > 0`, broadcastable against ``loc``.
-        estimator: ``"score_function"`` or ``"pathwise"``.
-        num_nodes: quadrature nodes (>= 2).
-
-    Returns:
-        ``{"loc": (mean, variance), "scale": (mean, variance)}``, float64 tensors of the
-        broadcast shape of ``loc`` and ``scale``, on their device.
-
-    Raises:
-        ValueError: for an unknown estimator, a non-positive scale or fewer than 2 nodes.
-
-    Example:
-        >>> import gradkit as gk
-        >>> m = gk.reparam.gaussian_gradient_moments(lambda x: x**2, 1.0, 2.0, "pathwise")
-        >>> [round(float(v), 6) for v in m["loc"]]  # f' = 2x: mean 2 mu, variance 4 sigma^2
-        [2.0, 16.0]
-    """
-    if estimator not in ("score_function", "pathwise"):
-        raise ValueError(
-            f"estimator must be 'score_function' or 'pathwise', got {estimator!r}; the "
-            "measure-valued estimator's moments are not computed here"
-        )
-    if isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or num_nodes < 2:
-        raise ValueError(f"num_nodes must be an int >= 2, got {num_nodes!r}; the default is 160")
-    device = loc.device if isinstance(loc, Tensor) else None
-    loc_t = torch.as_tensor(loc, dtype=torch.float64, device=device)
-    scale_t = torch.as_tensor(scale, dtype=torch.float64, device=loc_t.device)
-    if bool((scale_t <= 0).any()) or not bool(torch.isfinite(scale_t).all()):
-        raise ValueError("scale must be positive and finite; pass sigma > 0")
-    loc_t, scale_t = torch.broadcast_tensors(loc_t, scale_t)
-    nodes, weights = roots_hermitenorm(num_nodes)
-    eps = torch.as_tensor(nodes, dtype=torch.float64, device=loc_t.device)
-    w = torch.as_tensor(weights / weights.sum(), dtype=torch.float64, device=loc_t.device)
-    mu, sigma = loc_t.unsqueeze(-1), scale_t.unsqueeze(-1)
-    with torch.enable_grad():
-        x = (mu + sigma * eps).detach().requires_grad_(estimator == "pathwise")
-        fx = f(x)
-        if estimator == "pathwise":
-            dfx = torch.autograd.grad(fx.sum(), x)[0] if fx.requires_grad else torch.zeros_like(x)
-    if estimator == "pathwise":
-        per_sample = {"loc": dfx, "scale": dfx * eps}
-    else:
-        fx = fx.detach()
-        per_sample = {"loc": fx * eps / sigma, "scale": fx * (eps**2 - 1.0) / sigma}
-    out = {}
-    for name, g in per_sample.items():
-        mean = (w * g).sum(-1)
-        out[name] = (mean, (w * (g - mean.unsqueeze(-1)) ** 2).sum(-1))
-    return out
-
-
-# --------------------------------------------------------------------------------------------
 # Discrete variables: the Gumbel-max trick and the Concrete / Gumbel-softmax relaxation
 # --------------------------------------------------------------------------------------------
 
@@ -829,3 +751,124 @@ def gumbel_softmax(
             fx.sum(), [copies[n] for n in names], allow_unused=True, materialize_grads=True
         )
     return {n: g.detach() for n, g in zip(names, grads, strict=True)}
+
+
+def categorical_gradient(f: CostFn, logits: Tensor) -> Tensor:
+    r"""The exact gradient of :math:`\mathbb{E}_{z}[f(z)]` for a one-hot categorical :math:`z`.
+
+    With :math:`\pi = \operatorname{softmax}(\ell)` and one-hot vectors :math:`e_k`, enumerating
+    the :math:`K` categories gives
+
+    .. math:: \frac{\partial}{\partial \ell_j} \sum_{k} \pi_k f(e_k)
+       = \pi_j \Big( f(e_j) - \sum_k \pi_k f(e_k) \Big),
+
+    the reference against which relaxed estimators such as :func:`gumbel_softmax` are biased
+    (Jang, Gu and Poole 2017; Maddison, Mnih and Teh 2017). ``f`` is only evaluated at the
+    vertices, so it need not be differentiable.
+
+    Args:
+        f: cost on one-hot vectors, ``(S, K) -> (S, *T)``; the target is summed over ``T``.
+        logits: unnormalised log-probabilities of shape ``(K,)``; ``-inf`` allowed.
+
+    Returns:
+        the gradient with respect to the logits, shape ``(K,)``, dtype and device of ``logits``.
+
+    Raises:
+        TypeError: for non-floating logits or a non-callable ``f``.
+        ValueError: for logits that are not one-dimensional, contain NaN, or an ``f`` that
+            returns the wrong shape or non-finite values.
+
+    Example:
+        >>> import torch, gradkit as gk
+        >>> logits = torch.log(torch.tensor([0.25, 0.75]))
+        >>> gk.reparam.categorical_gradient(lambda z: z[:, 1], logits)  # d/dl of pi_1
+        tensor([-0.1875,  0.1875])
+    """
+    logits = _check_logits(logits)
+    if logits.dim() != 1:
+        raise ValueError(
+            f"logits must have shape (K,), got {tuple(logits.shape)}; enumerate one "
+            "categorical variable at a time"
+        )
+    size = logits.shape[-1]
+    one_hot = torch.eye(size, dtype=logits.dtype, device=logits.device)
+    values = _checks.evaluate(f, one_hot, (size,)).detach().reshape(size, -1).sum(-1)
+    probs = torch.softmax(logits.detach(), -1)
+    return probs * (values - (probs * values).sum())
+
+
+def relaxation_study(
+    f: CostFn, logits: Tensor, temperatures: Sequence[float], num_samples: int
+) -> list[dict[str, Any]]:
+    r"""Bias and variance of relaxed gradient estimators across temperatures, by enumeration.
+
+    For a categorical :math:`z` with logits :math:`\ell` (shape ``(K,)``) and the exact
+    gradient :math:`g^\star` of :func:`categorical_gradient`, draws ``num_samples`` per-sample
+    estimates :math:`\hat g_s \in \mathbb{R}^K` from the score function (unbiased, once) and
+    from :func:`gumbel_softmax` and its straight-through variant (at every temperature), and
+    reports
+
+    .. math:: \text{bias} = \lVert \bar g - g^\star \rVert_2, \qquad
+       \text{variance} = \textstyle\sum_j \operatorname{Var}(\hat g_{s,j}), \qquad
+       \text{standard error} = \sqrt{\text{variance} / S},
+
+    the last being the root-mean-square size of :math:`\lVert \bar g - g^\star\rVert_2` for an
+    unbiased estimator: biases below about twice it cannot be told from zero (Jang, Gu and
+    Poole 2017; Maddison, Mnih and Teh 2017; Mohamed et al. 2020, §3).
+
+    Args:
+        f: cost on (relaxed) one-hot vectors ``(S, K) -> (S,)``, defined and differentiable
+            inside the simplex, not only at its vertices.
+        logits: log-probabilities of shape ``(K,)``.
+        temperatures: the temperatures :math:`\tau > 0` to try (at least one).
+        num_samples: samples :math:`S` per estimate (>= 2).
+
+    Returns:
+        one dict per (estimator, temperature) with keys ``estimator`` (``"score function"``,
+        ``"Gumbel-softmax"`` or ``"straight-through"``), ``temperature`` (NaN for the score
+        function), ``bias``, ``standard_error`` and ``variance`` (Python floats).
+
+    Raises:
+        ValueError: for no temperatures, a non-positive temperature, fewer than 2 samples or
+            bad logits (as :func:`categorical_gradient`).
+        TypeError: for a temperature that is not a number or a non-integer ``num_samples``.
+
+    Example:
+        >>> import torch, gradkit as gk
+        >>> _ = torch.manual_seed(0)
+        >>> logits = torch.log(torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64))
+        >>> rows = gk.reparam.relaxation_study(lambda y: y[..., 0], logits, [0.1, 10.0], 2000)
+        >>> [(r["estimator"], r["temperature"]) for r in rows][1:3]
+        [('Gumbel-softmax', 0.1), ('Gumbel-softmax', 10.0)]
+        >>> rows[2]["bias"] > 10 * rows[2]["standard_error"]  # hot: confidently wrong
+        True
+    """
+    from gradkit.diagnostics import summarize
+    from gradkit.estimators import score_function
+
+    _checks.check_num_samples(num_samples, 2, "a variance needs two samples")
+    temps = [float(_check_temperature(t)) for t in temperatures]
+    if not temps:
+        raise ValueError("temperatures is empty; pass at least one, e.g. [0.1, 0.5, 1.0]")
+    exact = categorical_gradient(f, logits)
+    dist = Categorical(logits=logits.detach())
+    one_hot = torch.eye(exact.shape[0], dtype=exact.dtype, device=exact.device)
+
+    def record(estimator: str, temperature: float, estimates: Tensor) -> dict[str, Any]:
+        s = summarize({"logits": estimates}, exact={"logits": exact})["logits"]
+        bias = cast(Tensor, s.bias)
+        return {
+            "estimator": estimator,
+            "temperature": temperature,
+            "bias": float(bias.norm()),
+            "standard_error": float(s.standard_error.pow(2).sum().sqrt()),
+            "variance": float(s.variance.sum()),
+        }
+
+    sf = score_function(lambda k: f(one_hot[k]), dist, num_samples)["logits"]
+    rows = [record("score function", math.nan, sf)]
+    for name, straight in (("Gumbel-softmax", False), ("straight-through", True)):
+        for tau in temps:
+            g = gumbel_softmax(f, dist, num_samples, tau, straight_through=straight)["logits"]
+            rows.append(record(name, tau, g))
+    return rows

@@ -1,4 +1,4 @@
-"""Tests for gradkit.reparam: implicit reparameterisation, Gaussian moments, Gumbel tricks.
+"""Tests for gradkit.reparam: implicit reparameterisation, Gumbel tricks and relaxation bias.
 
 Statistical tests run at the seed fixed in conftest.py and allow 4 standard errors.
 """
@@ -28,7 +28,6 @@ from torch.distributions import (
     Uniform,
 )
 
-import gradkit as gk
 from gradkit import reparam
 
 F64 = torch.float64
@@ -248,45 +247,6 @@ def test_implicit_errors_name_the_fix():
         reparam.implicit_pathwise(lambda x: x, Normal(t64(0.0), t64(1.0)), 0)
 
 
-# --- exact Gaussian moments -----------------------------------------------------------------
-
-
-def test_gaussian_gradient_moments_closed_forms_for_a_quadratic():
-    mu, s = t64(1.0, -0.5, 0.0), t64(2.0, 0.3, 1.0)
-    sf = reparam.gaussian_gradient_moments(lambda x: x**2, mu, s, "score_function")
-    pw = reparam.gaussian_gradient_moments(lambda x: x**2, mu, s, "pathwise")
-    torch.testing.assert_close(sf["loc"][0], 2 * mu)
-    torch.testing.assert_close(sf["scale"][0], 2 * s)
-    torch.testing.assert_close(
-        sf["loc"][1], (mu**4 + 18 * mu**2 * s**2 + 15 * s**4) / s**2 - 4 * mu**2
-    )
-    torch.testing.assert_close(pw["loc"], (2 * mu, 4 * s**2))
-    torch.testing.assert_close(pw["scale"], (2 * s, 4 * mu**2 + 8 * s**2))
-
-
-def test_gaussian_gradient_moments_match_monte_carlo():
-    n = 40_000
-    cost = lambda x: torch.cos(2.0 * x)  # noqa: E731
-    dist = Normal(t64(0.5), t64(0.8))
-    for estimator, fn in (("score_function", gk.score_function), ("pathwise", gk.pathwise)):
-        exact = reparam.gaussian_gradient_moments(cost, 0.5, 0.8, estimator)
-        g = fn(cost, dist, n)
-        for name, (mean, var) in exact.items():
-            est = g[name]
-            assert abs(est.mean().item() - mean.item()) < 4 * math.sqrt(var.item() / n)
-            m4 = ((est - est.mean()) ** 4).mean().item()
-            assert abs(est.var().item() - var.item()) < 4 * math.sqrt((m4 - var.item() ** 2) / n)
-
-
-def test_gaussian_gradient_moments_errors():
-    with pytest.raises(ValueError, match="'score_function' or 'pathwise'"):
-        reparam.gaussian_gradient_moments(torch.sin, 0.0, 1.0, "measure_valued")
-    with pytest.raises(ValueError, match="scale must be positive"):
-        reparam.gaussian_gradient_moments(torch.sin, 0.0, t64(1.0, 0.0), "pathwise")
-    with pytest.raises(ValueError, match="num_nodes"):
-        reparam.gaussian_gradient_moments(torch.sin, 0.0, 1.0, "pathwise", num_nodes=1)
-
-
 # --- Gumbel-max and the Concrete relaxation -------------------------------------------------
 
 
@@ -366,3 +326,72 @@ def test_gumbel_errors_name_the_fix():
         reparam.gumbel_max(torch.tensor(1.0))
     with pytest.raises(ValueError, match="NaN"):
         reparam.gumbel_max(torch.tensor([0.0, math.nan]))
+
+
+# --- exact categorical gradients and the relaxation study ------------------------------------
+
+
+def test_categorical_gradient_matches_autograd_through_the_enumeration():
+    logits = t64(0.3, -1.0, 2.0, 0.0).requires_grad_()
+    target = t64(1.0, 0.0, 0.0, 0.0)
+
+    def cost(z):  # (S, 4) -> (S, 2): the target sums the two outputs
+        return torch.stack([((z - target) ** 2).sum(-1), z @ t64(1.0, -2.0, 3.0, 0.5)], -1)
+
+    (expected,) = torch.autograd.grad(
+        (torch.softmax(logits, -1) * cost(torch.eye(4, dtype=F64)).sum(-1)).sum(), logits
+    )
+    got = reparam.categorical_gradient(cost, logits)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+    assert got.shape == (4,) and not got.requires_grad
+    blocked = reparam.categorical_gradient(cost, t64(0.0, -math.inf, 0.0, 0.0))
+    assert blocked[1].item() == 0.0 and abs(blocked.sum().item()) < 1e-12
+
+
+def test_categorical_gradient_float32_and_errors():
+    got = reparam.categorical_gradient(lambda z: z[:, 0], torch.zeros(2))
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, torch.tensor([0.25, -0.25]))
+    with pytest.raises(ValueError, match=r"shape \(K,\)"):
+        reparam.categorical_gradient(lambda z: z[..., 0], torch.zeros(2, 3))
+    with pytest.raises(TypeError, match="floating-point tensor"):
+        reparam.categorical_gradient(lambda z: z[:, 0], torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="one value per sample"):
+        reparam.categorical_gradient(lambda z: z.sum(), torch.zeros(3))
+
+
+def test_relaxation_study_bias_and_variance_against_enumeration():
+    logits = torch.log(t64(0.1, 0.2, 0.3, 0.4))
+    c = t64(1.0, -2.0, 3.0, 0.5)
+    n = 20_000
+    rows = reparam.relaxation_study(lambda y: y @ c, logits, [0.1, 5.0, 1e3], n)
+    got = {
+        (r["estimator"], r["temperature"]): r for r in rows if r["estimator"] != "score function"
+    }
+    (sf,) = [r for r in rows if r["estimator"] == "score function"]
+    assert len(rows) == 7 and math.isnan(sf["temperature"])
+    # at a very high temperature y is nearly uniform and barely moves: the mean gradient is ~0,
+    # so the bias is the exact gradient's norm
+    exact = reparam.categorical_gradient(lambda y: y @ c, logits)
+    assert got["Gumbel-softmax", 1e3]["bias"] == pytest.approx(exact.norm().item(), rel=0.02)
+    assert sf["bias"] < 4 * sf["standard_error"]  # the score function is unbiased
+    assert sf["standard_error"] == pytest.approx(math.sqrt(sf["variance"] / n))
+    hot, cold = got["Gumbel-softmax", 5.0], got["Gumbel-softmax", 0.1]
+    assert hot["bias"] > 10 * hot["standard_error"]  # confidently wrong when hot ...
+    assert cold["bias"] < hot["bias"] / 4  # ... much less biased when cold ...
+    assert cold["variance"] > 10 * hot["variance"]  # ... and much noisier
+    # a linear cost has the same gradient at the hard and the soft sample
+    st = got["straight-through", 0.1]
+    assert abs(st["variance"] - cold["variance"]) < 0.1 * cold["variance"]
+
+
+def test_relaxation_study_errors_name_the_fix():
+    logits = torch.zeros(3, dtype=F64)
+    with pytest.raises(ValueError, match="temperatures is empty"):
+        reparam.relaxation_study(lambda y: y[..., 0], logits, [], 10)
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        reparam.relaxation_study(lambda y: y[..., 0], logits, [0.5, 0.0], 10)
+    with pytest.raises(ValueError, match="two samples"):
+        reparam.relaxation_study(lambda y: y[..., 0], logits, [0.5], 1)
+    with pytest.raises(ValueError, match=r"shape \(K,\)"):
+        reparam.relaxation_study(lambda y: y[..., 0], logits[None], [0.5], 10)
