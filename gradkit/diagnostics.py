@@ -13,7 +13,8 @@ For gradients of whole networks (an encoder trained with a score-function estima
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -24,6 +25,7 @@ from torch.distributions import Distribution
 from gradkit import _checks
 
 __all__ = [
+    "CountingCost",
     "GradientSummary",
     "gradient_moments",
     "gradient_variance",
@@ -390,3 +392,92 @@ def repeated_gradients(
             )
         )
     return torch.stack(rows)
+
+
+class CountingCost:
+    r"""A cost function that counts its calls and the sample rows it is evaluated on.
+
+    The price of a Monte Carlo gradient estimator is, first of all, how often it evaluates
+    :math:`f`: once per sample for the score-function and pathwise estimators, and for the
+    measure-valued estimator of a distribution with :math:`D` scalar parameters up to
+    :math:`2D` more, fewer with coupling (Mohamed et al. 2020, ``mohamed2020monte``).
+    Wrap :math:`f` in a ``CountingCost``, pass it to the estimator in its place, and read off
+
+    .. math::
+        \texttt{rows} = \sum_{\text{calls}} \frac{\texttt{x.numel()}}{\prod \texttt{shape}},
+
+    the number of points, each of shape ``shape``, at which :math:`f` was evaluated, however
+    the estimator batched them into calls. With ``shape = dist.batch_shape + dist.event_shape``
+    a row is one draw from the whole distribution, and ``rows / num_samples`` after one call
+    of an estimator is its number of evaluations of :math:`f` per sample. Counting happens in
+    Python as the calls come, so do not call it inside ``torch.func.vmap`` (which hides the
+    batch dimension); the values of :math:`f`, their device, dtype and autograd graph, pass
+    through unchanged.
+
+    Args:
+        f: the cost, a callable from samples ``(*lead, *shape)`` to values.
+        shape: the shape of one row, an int for a vector; ``()`` (the default) for scalar
+            samples, where every element is a row.
+
+    Attributes:
+        calls: number of calls so far.
+        rows: number of rows of shape ``shape`` seen so far.
+
+    Raises:
+        TypeError: if ``f`` is not callable, or (on a call) the input is not a tensor.
+        ValueError: if ``shape`` has a negative or zero size, or (on a call) the input's
+            trailing dimensions are not ``shape``.
+
+    Example:
+        >>> import torch, gradkit as gk
+        >>> from torch.distributions import Independent, Normal
+        >>> dist = Independent(Normal(torch.zeros(3), torch.ones(3)), 1)
+        >>> cost = gk.diagnostics.CountingCost(lambda x: x.pow(2).sum(-1), dist.event_shape)
+        >>> _ = gk.pathwise(cost, dist, 10)
+        >>> cost.calls, cost.rows
+        (1, 10)
+        >>> _ = gk.measure_valued(cost, dist, 10)
+        >>> cost.rows - 10  # 1 + 3 * 3 rows per sample with coupling
+        100
+    """
+
+    def __init__(self, f: Callable[[Tensor], Any], shape: int | Sequence[int] = ()) -> None:
+        if not callable(f):
+            raise TypeError(f"f must be a callable cost function, got {type(f).__name__}")
+        dims = (shape,) if isinstance(shape, int) else shape
+        valid = isinstance(dims, Sequence) and not isinstance(dims, str)
+        if not valid or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in dims
+        ):
+            raise ValueError(
+                f"shape must be a positive int or a sequence of them, such as "
+                f"dist.batch_shape + dist.event_shape, got {shape!r}"
+            )
+        self.f = f
+        self.shape = torch.Size(dims)
+        self._size = math.prod(self.shape)
+        self.calls = 0
+        self.rows = 0
+
+    def __call__(self, x: Tensor) -> Any:
+        """Evaluate ``f(x)``, adding one call and ``x.numel() / prod(shape)`` rows."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"CountingCost expects a tensor of samples, got {type(x).__name__}")
+        k = len(self.shape)
+        if x.dim() < k or x.shape[x.dim() - k :] != self.shape:
+            raise ValueError(
+                f"CountingCost was told that one row has shape {tuple(self.shape)}, but it got "
+                f"samples of shape {tuple(x.shape)}; pass shape=dist.batch_shape + "
+                "dist.event_shape"
+            )
+        self.calls += 1
+        self.rows += x.numel() // self._size
+        return self.f(x)
+
+    def reset(self) -> None:
+        """Set ``calls`` and ``rows`` back to zero."""
+        self.calls = 0
+        self.rows = 0
+
+    def __repr__(self) -> str:
+        return f"CountingCost(calls={self.calls}, rows={self.rows}, shape={tuple(self.shape)})"

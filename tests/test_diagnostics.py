@@ -5,11 +5,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch.distributions import Normal
+from torch.distributions import Independent, Normal
 
 import gradkit as gk
 from gradkit.baselines import ExponentialMovingAverage
 from gradkit.diagnostics import (
+    CountingCost,
     GradientSummary,
     gradient_moments,
     gradient_variance,
@@ -206,3 +207,68 @@ def test_error_bad_repeated_gradients_input():
         repeated_gradients(lambda: w.sum(), [], 2)
     with pytest.raises(ValueError, match="repeats must be a positive int"):
         repeated_gradients(lambda: w.sum(), [w], 0)
+
+
+@pytest.mark.parametrize(
+    ("estimator", "options", "per_sample"),
+    [
+        ("score_function", {}, lambda d: 1),
+        ("pathwise", {}, lambda d: 1),
+        ("measure_valued", {"coupling": True}, lambda d: 1 + 3 * d),
+        ("measure_valued", {"coupling": False}, lambda d: 1 + 4 * d),
+    ],
+)
+def test_counting_cost_counts_rows_per_sample(estimator, options, per_sample):
+    # one row = one draw of the 3-d Gaussian, however the estimator batches its calls
+    d, n = 3, 7
+    dist = Independent(Normal(torch.zeros(d), torch.ones(d)), 1)
+    cost = CountingCost(lambda x: x.pow(2).sum(-1), dist.event_shape)
+    gk.ESTIMATORS[estimator](cost, dist, n, **options)
+    assert cost.rows == per_sample(d) * n
+    assert 1 <= cost.calls <= cost.rows
+    cost.reset()
+    assert (cost.calls, cost.rows) == (0, 0)
+
+
+@pytest.mark.parametrize(("reduce", "coupled_rows"), [(False, 1 + 3), (True, 1 + 3 * 5)])
+def test_counting_cost_sees_the_plate_saving(reduce, coupled_rows):
+    # a batch of 5 independent Normals: with one value per element (a plate) the measure-valued
+    # estimator perturbs every element at once; a cost that sums over the batch couples them
+    dist = Normal(torch.zeros(5), torch.ones(5))
+    cost = CountingCost((lambda x: x.pow(2).sum(-1)) if reduce else torch.square, dist.batch_shape)
+    gk.measure_valued(cost, dist, 4)
+    assert cost.rows == coupled_rows * 4
+
+
+def test_counting_cost_passes_values_and_gradients_through():
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64, requires_grad=True)
+    cost = CountingCost(lambda t: t.pow(2).sum(-1), 2)
+    value = cost(x)
+    assert value.dtype == torch.float64 and torch.equal(value, x.detach().pow(2).sum(-1))
+    value.sum().backward()
+    assert torch.equal(x.grad, 2 * x.detach())
+    scalar = CountingCost(torch.sin)
+    scalar(torch.zeros(4, 3))
+    assert (scalar.calls, scalar.rows) == (1, 12)
+    assert repr(cost) == "CountingCost(calls=1, rows=2, shape=(2,))"
+    torch.manual_seed(0)
+    counted = gk.pathwise(CountingCost(torch.sin), Normal(torch.tensor(0.3), torch.tensor(1.0)), 9)
+    torch.manual_seed(0)
+    plain = gk.pathwise(torch.sin, Normal(torch.tensor(0.3), torch.tensor(1.0)), 9)
+    assert all(torch.equal(counted[k], plain[k]) for k in plain)
+
+
+def test_counting_cost_errors():
+    with pytest.raises(TypeError, match="f must be a callable"):
+        CountingCost("x**2")
+    for shape in (0, (3, -1), 2.5, "3", (True,)):
+        with pytest.raises(ValueError, match="shape must be a positive int"):
+            CountingCost(torch.sin, shape)
+    cost = CountingCost(torch.sin, (3,))
+    with pytest.raises(ValueError, match=r"one row has shape \(3,\).*dist.batch_shape"):
+        cost(torch.zeros(5, 4))
+    with pytest.raises(ValueError, match="one row has shape"):
+        CountingCost(torch.sin, (2, 3))(torch.zeros(3))
+    with pytest.raises(TypeError, match="expects a tensor"):
+        cost([0.0, 1.0, 2.0])
+    assert (cost.calls, cost.rows) == (0, 0)
