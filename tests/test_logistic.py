@@ -145,6 +145,8 @@ def test_training_raises_the_elbo():
     assert run.steps == [0, 30, 60] and len(run.loc_variance) == 3
     assert run.elbo[-1] > run.elbo[0]
     assert 0.0 <= run.test_accuracy[-1] <= 1.0 and run.seconds[-1] > 0
+    assert len(run.step_seconds) == 60 and min(run.step_seconds) > 0
+    assert sum(run.step_seconds) == pytest.approx(run.seconds[-1])
 
 
 def test_errors():

@@ -109,3 +109,83 @@ def test_errors():
         rb.score_function(plate_cost, dist, 0)
     with pytest.raises(ValueError, match="at least 2 samples"):
         rb.score_function(plate_cost, dist, 1, baseline=gk.baselines.LeaveOneOut())
+
+
+@pytest.mark.parametrize("param", ["logits", "probs"])
+@pytest.mark.parametrize("plate", [True, False])
+def test_exact_gradient_matches_autograd_through_the_enumerated_sum(param, plate):
+    logits, table = (LOGITS, TABLE) if plate else (LOGITS[0], TABLE[0])
+    dist, leaf = build(param, logits)
+    cost = plate_cost if plate else (lambda z: TABLE[0][z])
+    exact = rb.exact_gradient(cost, dist)
+    assert set(exact) == {param}
+    torch.testing.assert_close(exact[param], exact_gradient(dist, leaf, table))
+
+
+def test_exact_gradient_errors():
+    with pytest.raises(TypeError, match="Categorical"):
+        rb.exact_gradient(lambda z: z, Bernoulli(probs=torch.tensor(0.3)))
+    with pytest.raises(ValueError, match="couples the batch"):
+        rb.exact_gradient(lambda z: plate_cost(z).sum(-1), Categorical(logits=LOGITS))
+
+
+def test_variance_sweep_records():
+    dist, _ = build("logits", LOGITS)
+    loo = {"none": None, "loo": gk.baselines.LeaveOneOut()}
+    rows = rb.variance_sweep(plate_cost, dist, 20_000, [0, 2, 6], baselines=loo)
+    assert [r["k"] for r in rows] == [0, 2, 6]
+    assert list(rows[0]) == ["k", "top-k mass", "none", "loo", "plain, k + 1 samples"]
+    top2 = LOGITS.softmax(-1).topk(2, -1).values.sum(-1).mean().item()
+    assert rows[0]["top-k mass"] == 0.0 and rows[1]["top-k mass"] == pytest.approx(top2)
+    assert rows[2]["top-k mass"] == pytest.approx(1.0)
+    assert rows[2]["none"] == pytest.approx(0.0, abs=1e-10)  # everything summed: exact
+    plain = rows[0]["plain, k + 1 samples"]
+    assert rows[1]["plain, k + 1 samples"] == pytest.approx(plain / 3)
+    assert rows[0]["none"] == pytest.approx(plain, rel=0.1)  # k = 0 is the plain estimator
+    assert rows[1]["none"] < 0.2 * plain and rows[1]["loo"] < rows[1]["none"]
+
+
+def test_variance_sweep_errors():
+    dist = Categorical(logits=LOGITS)
+    with pytest.raises(ValueError, match="num_summed is empty"):
+        rb.variance_sweep(plate_cost, dist, 10, [])
+    with pytest.raises(ValueError, match="baselines is empty"):
+        rb.variance_sweep(plate_cost, dist, 10, [1], baselines={})
+    with pytest.raises(ValueError, match="clash with the columns"):
+        rb.variance_sweep(plate_cost, dist, 10, [1], baselines={"k": None})
+    with pytest.raises(ValueError, match="num_samples must be at least 2"):
+        rb.variance_sweep(plate_cost, dist, 1, [1])
+    with pytest.raises(ValueError, match="num_summed must be between 0 and the number"):
+        rb.variance_sweep(plate_cost, dist, 10, [1, 7])
+    with pytest.raises(TypeError, match="Categorical"):
+        rb.variance_sweep(lambda z: z, Bernoulli(probs=torch.tensor(0.3)), 10, [0])
+
+
+@pytest.mark.parametrize("num_summed", [0, 2, 4])
+def test_check_unbiased_passes_the_estimator(num_summed):
+    dist, _ = build("probs", LOGITS)
+    check = rb.check_unbiased(plate_cost, dist, 20_000, num_summed=num_summed)
+    assert check.expected_error > 0 and check.ratio < Z, check
+
+
+def test_check_unbiased_everything_summed_is_exact():
+    dist, _ = build("logits", LOGITS)
+    check = rb.check_unbiased(plate_cost, dist, 10, num_summed=6)
+    assert check.expected_error == 0.0 and check.ratio == 0.0
+
+
+def test_check_unbiased_detects_a_bias(monkeypatch):
+    estimator = rb.score_function
+
+    def biased(*args, **kwargs):
+        return {name: g + 0.05 for name, g in estimator(*args, **kwargs).items()}
+
+    monkeypatch.setattr(rb, "score_function", biased)
+    dist, _ = build("logits", LOGITS)
+    assert rb.check_unbiased(plate_cost, dist, 20_000, num_summed=2).ratio > 10
+    assert rb.check_unbiased(plate_cost, dist, 10, num_summed=6).ratio == math.inf
+
+
+def test_check_unbiased_errors():
+    with pytest.raises(ValueError, match="num_samples must be at least 2"):
+        rb.check_unbiased(plate_cost, Categorical(logits=LOGITS), 1)

@@ -295,6 +295,9 @@ class TrainingRun:
         scale_variance: the same w.r.t. the posterior standard deviations.
         seconds: cumulative wall time spent in optimisation steps (evaluation excluded).
         model: the trained model.
+        step_seconds: wall time of every optimisation step, in order; its median is a per-step
+            cost that one-off start-up costs (the first call of a kernel, memory allocation)
+            do not distort.
     """
 
     steps: list[int] = field(default_factory=list)
@@ -304,6 +307,7 @@ class TrainingRun:
     scale_variance: list[float] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
     model: BayesianLogisticRegression | None = None
+    step_seconds: list[float] = field(default_factory=list)
 
 
 def train(
@@ -388,7 +392,10 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        elapsed += time.perf_counter() - started
+        if x.is_cuda:  # kernels run asynchronously: wait for them before reading the clock
+            torch.cuda.synchronize(x.device)
+        run.step_seconds.append(time.perf_counter() - started)
+        elapsed += run.step_seconds[-1]
         if step % eval_every == 0 or step == steps:
             evaluate(step)
             bar.set_postfix(elbo=f"{run.elbo[-1]:.1f}")
