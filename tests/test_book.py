@@ -225,7 +225,8 @@ def test_chapter_page_renders_in_a_browser(source, html, build_dir, tmp_path):
         assert path.exists(), f"figure {src} does not load"
         with Image.open(path) as im:
             im.verify()
-    assert "output traceback" not in dom and "ename" not in text
+    assert "output traceback" not in dom and "output error" not in dom, "a cell shows an error"
+    assert "Traceback (most recent call last)" not in text, "a cell shows a traceback"
 
 
 def test_gpu_workflow_calls_the_make_targets():
