@@ -184,7 +184,10 @@ def _rows(
         stats = summarise(estimates, exact[name])
         size = exact[name].numel()
         label = name if size == 1 else f"{name} ({size})"
-        rows.append({**base, "parameter": label, **stats, "verdict": verdict(stats["max_abs_z"])})
+        scalar = {"mean": stats["mean"], "exact": stats["exact"]} if size == 1 else {}
+        rows.append(
+            {**base, "parameter": label, **stats, "verdict": verdict(stats["max_abs_z"], **scalar)}
+        )
     return rows
 
 

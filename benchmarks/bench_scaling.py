@@ -6,10 +6,13 @@ The distribution is :math:`B` independent :math:`D`-dimensional diagonal Gaussia
 element (the plate case). One call of each gradkit estimator (score function, score function
 with leave-one-out baseline, pathwise, measure-valued) is timed while one size grows and the
 others stay fixed: the number of samples :math:`S`, the batch size :math:`B`, or the event
-size :math:`D`. The measure-valued estimator evaluates the cost twice for each of the
-:math:`2D` coordinates (for the whole batch at once, Mohamed et al. 2020, §6), each time on a
-:math:`D`-dimensional sample, so its work grows like :math:`D^2`; every estimator's work grows
-linearly in :math:`B`, since each evaluation covers the whole batch. Writes
+size :math:`D`. With coupling, the measure-valued estimator evaluates the cost :math:`1 + 3D`
+times per sample (:func:`cost_evaluations`): once at the sample itself, twice for each of the
+:math:`D` location coordinates (:math:`x^+` and :math:`x^-`), and once for each of the :math:`D`
+scale coordinates, whose :math:`x^-` is the sample itself and reuses its cost (Mohamed et al.
+2020, §6; :mod:`gradkit.weak_derivatives`). Each evaluation covers the whole batch and costs
+:math:`O(D)`, so its work grows like :math:`D^2` once the evaluations dominate; every
+estimator's work grows linearly in :math:`B` once per-call overhead no longer dominates. Writes
 ``scaling.csv/.png/.json``.
 """
 
@@ -27,7 +30,7 @@ import gradkit as gk
 from benchmarks.bench_peers import measure_valued_missing
 from benchmarks.common import main_for, time_call, write_results
 
-__all__ = ["SWEEPS", "estimator_calls", "plot", "run", "sweep"]
+__all__ = ["QUICK_SWEEPS", "SWEEPS", "cost_evaluations", "estimator_calls", "plot", "run", "sweep"]
 
 # (swept size, values, fixed sizes) for each sweep
 SWEEPS = {
@@ -44,6 +47,35 @@ QUICK_SWEEPS = {
 
 def _cost(x: torch.Tensor) -> torch.Tensor:
     return (x**2).sum(-1)
+
+
+def cost_evaluations(dim: int, *, batch: int = 1, samples: int = 8) -> float:
+    r"""Evaluations of the cost per sample in one coupled ``gk.measure_valued`` call.
+
+    Counts the samples that reach the cost :math:`\lVert x\rVert^2` for
+    ``Independent(Normal(0, 1), 1)`` with batch shape ``(batch,)`` and event size ``dim``,
+    divided by ``samples``: :math:`1 + 3D` for gradkit's Normal weak derivatives, whatever
+    the batch size (a plate).
+
+    Raises:
+        ValueError: for a non-positive size.
+
+    Example:
+        >>> cost_evaluations(10), cost_evaluations(10, batch=4)
+        (31.0, 31.0)
+    """
+    if min(dim, batch, samples) < 1:
+        raise ValueError(f"sizes must be positive, got dim={dim}, batch={batch}, samples={samples}")
+    rows = 0
+
+    def counted(x: torch.Tensor) -> torch.Tensor:
+        nonlocal rows
+        rows += x.numel() // (batch * dim)
+        return _cost(x)
+
+    dist = Independent(Normal(torch.zeros(batch, dim), torch.ones(batch, dim)), 1)
+    gk.measure_valued(counted, dist, samples)
+    return rows / samples
 
 
 def estimator_calls() -> dict[str, Any]:

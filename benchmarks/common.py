@@ -19,7 +19,6 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -27,6 +26,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from gradkit.book import git_commit
 
 __all__ = [
     "RESULTS",
@@ -48,18 +49,6 @@ Z_THRESHOLD = 5.0
 # (near) zero variance, such as exact enumeration, should not be flagged for rounding error.
 _RELATIVE_FLOOR = 1e-5
 _PACKAGES = ("torch", "numpy", "pandas", "gradkit", "pyro-ppl", "storchastic")
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
@@ -97,7 +86,7 @@ def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
         "device": name,
         "python": platform.python_version(),
         "versions": versions,
-        "git_commit": _git_commit(),
+        "git_commit": git_commit()[:7],
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -182,18 +171,38 @@ def summarise(estimates: Tensor, exact: Tensor) -> dict[str, float]:
     }
 
 
-def verdict(max_abs_z: float, error: str | None = None) -> str:
-    """``"ok"``, ``"WRONG MEAN (|z| = ...)"`` beyond :data:`Z_THRESHOLD`, or ``"fails: ..."``.
+def verdict(
+    max_abs_z: float,
+    error: str | None = None,
+    *,
+    mean: float | None = None,
+    exact: float | None = None,
+) -> str:
+    """``"ok"``, ``"WRONG MEAN (...)"`` beyond :data:`Z_THRESHOLD`, or ``"fails: ..."``.
+
+    For a scalar parameter pass its ``mean`` and ``exact`` value: a wrong mean is then
+    reported with both, and a mean that is zero (to within :math:`10^{-6}` of the exact value)
+    as ``returns 0``. An estimator whose estimates do not vary has a standard error at the
+    floating-point floor of :func:`summarise`, so its :math:`|z|` is huge (about
+    :math:`10^5` for a mean of 0) whatever the size of its error: the mean says more.
 
     Example:
         >>> verdict(1.2), verdict(26.5), verdict(math.nan, "ValueError: bad shape")
         ('ok', 'WRONG MEAN (|z| = 26.5)', 'fails: ValueError: bad shape')
+        >>> verdict(57.7, mean=0.0548, exact=0.025)
+        'WRONG MEAN (mean 0.0548, exact 0.025, |z| = 57.7)'
+        >>> verdict(1e5, mean=-1.8e-11, exact=0.025)
+        'WRONG MEAN (returns 0, exact 0.025)'
     """
     if error:
         return f"fails: {error}"
-    if not math.isfinite(max_abs_z) or max_abs_z > Z_THRESHOLD:
+    if math.isfinite(max_abs_z) and max_abs_z <= Z_THRESHOLD:
+        return "ok"
+    if mean is None or exact is None or not math.isfinite(mean):
         return f"WRONG MEAN (|z| = {max_abs_z:.1f})"
-    return "ok"
+    if abs(mean) <= 1e-6 * abs(exact):
+        return f"WRONG MEAN (returns 0, exact {exact:.3g})"
+    return f"WRONG MEAN (mean {mean:.3g}, exact {exact:.3g}, |z| = {max_abs_z:.3g})"
 
 
 def write_results(

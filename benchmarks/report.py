@@ -10,7 +10,8 @@ than gradkit, and how its variance compares.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,15 +20,18 @@ import numpy as np
 import pandas as pd
 
 from benchmarks import bench_per_sample, bench_scaling
-from benchmarks.common import RESULTS, load_results, machine_info
+from benchmarks.common import RESULTS, Z_THRESHOLD, load_results, machine_info, verdict
 
 __all__ = [
+    "SAME_ESTIMATORS",
     "SIZES",
     "Result",
+    "findings",
     "headline",
     "machines",
     "obtain",
     "other_results",
+    "provenance",
     "slopes",
 ]
 
@@ -55,6 +59,8 @@ SIZES: dict[str, dict[str, Any]] = {
 }
 # The results each of gradkit's own benchmarks writes.
 OWN = ("peers_bernoulli", "peers_factorised", "peers_gaussian", "per_sample", "scaling")
+# Estimators every library computes the same way, from the same random numbers for one seed.
+SAME_ESTIMATORS = ("score_function", "score_function+leave_one_out", "pathwise")
 
 
 @dataclass
@@ -100,6 +106,8 @@ def obtain(
     loaded = load_results(name, directory)
     if loaded is not None:
         table, meta = loaded
+        if name.startswith("peers_"):
+            table = _refresh_verdicts(table)
         quick = " (a --quick run: its numbers mean nothing)" if meta.get("quick") else ""
         png = Path(directory) / f"{name}.png"
         return Result(
@@ -124,6 +132,17 @@ def obtain(
     meta = {"name": name, "machine": machine_info(), "quick": scale == "smoke", **meta}
     origin = f"run now, inside this chapter, at its {scale!r} size"
     return Result(name, table, meta, origin, None, skipped)
+
+
+def _refresh_verdicts(table: pd.DataFrame) -> pd.DataFrame:
+    """Wrong means of scalar parameters re-worded by the current :func:`verdict` (with the mean)."""
+    wrong = table.verdict.astype(str).str.startswith("WRONG MEAN")
+    scalar = ~table.parameter.astype(str).str.contains("(", regex=False)
+    table = table.copy()
+    table.loc[wrong & scalar, "verdict"] = [
+        verdict(r.max_abs_z, mean=r.mean, exact=r.exact) for r in table[wrong & scalar].itertuples()
+    ]
+    return table
 
 
 def headline(table: pd.DataFrame) -> pd.DataFrame:
@@ -203,6 +222,195 @@ def machines(results: list[Result]) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows)
+
+
+def _when(created: str) -> str:
+    """``2026-11-23T16:09:17+00:00`` -> ``2026-11-23 16:09 UTC``."""
+    return created[:16].replace("T", " ") + " UTC" if created else "an unrecorded date"
+
+
+def provenance(results: Sequence[Result], commit: str | None = None) -> str:
+    """One paragraph on where the results shown come from: their commit and date.
+
+    Results read from disk were made by ``make bench`` at some commit, possibly an older one
+    than the checkout's; results run inside the chapter are made now, from the checkout.
+
+    Args:
+        results: what :func:`obtain` returned.
+        commit: the checkout's commit (default: ``git rev-parse --short HEAD``).
+
+    Example:
+        >>> old = Result("scaling", pd.DataFrame(), {"machine": {"git_commit": "abc1234",
+        ...     "created": "2026-01-02T03:04:05+00:00"}}, "read from results")
+        >>> print(provenance([old], commit="def5678"))  # doctest: +NORMALIZE_WHITESPACE
+        scaling: read from the results folder, made by make bench at commit abc1234 on
+        2026-01-02 03:04 UTC. This checkout is at commit def5678, so they may not reflect
+        the current code; run make bench to refresh them.
+    """
+    head = machine_info()["git_commit"] if commit is None else commit
+    read = [r for r in results if r.origin.startswith("read from")]
+    ran = [r for r in results if not r.origin.startswith("read from")]
+    parts = []
+    if read:
+        machines_ = [r.meta.get("machine", {}) for r in read]
+        commits = sorted({m.get("git_commit", "unknown") for m in machines_})
+        dates = sorted(_when(m.get("created", "")) for m in machines_)
+        span = dates[0] if dates[0] == dates[-1] else f"{dates[0]} to {dates[-1]}"
+        plural = "s" if len(commits) > 1 else ""
+        parts.append(
+            f"{', '.join(r.name for r in read)}: read from the results folder, made by make "
+            f"bench at commit{plural} {', '.join(commits)} on {span}."
+        )
+        if commits != [head]:
+            parts.append(
+                f"This checkout is at commit {head}, so they may not reflect the current code; "
+                "run make bench to refresh them."
+            )
+        else:
+            parts.append(f"That is this checkout's commit, {head}.")
+    if ran:
+        parts.append(
+            f"{', '.join(r.name for r in ran)}: run just now, inside this chapter, from this "
+            f"checkout (commit {head}), at the chapter's own small sizes."
+        )
+    return " ".join(parts)
+
+
+def _span(values: pd.Series, fmt: str) -> str:
+    low, high = float(values.min()), float(values.max())
+    return (
+        format(low, fmt)
+        if format(low, fmt) == format(high, fmt)
+        else (f"{format(low, fmt)} to {format(high, fmt)}")
+    )
+
+
+def findings(tables: Mapping[str, pd.DataFrame], *, no_peers: str = "") -> dict[str, Any]:
+    """What the peer comparisons show, as numbers and as sentences computed from them.
+
+    Args:
+        tables: peer-comparison tables (:func:`benchmarks.bench_peers.compare`) by name.
+        no_peers: why no peer ran, for the sentence that says so.
+
+    Returns:
+        ``gradkit_rows`` and ``gradkit_ok`` (gradkit's rows, and those with a correct mean);
+        ``peers`` (the peers that ran); ``wrong`` (peer estimators with a wrong mean or a
+        failure, as ``"library estimator (detail)"``); ``same_variance_deviation`` (the largest
+        :math:`|v_{peer}/v_{gradkit} - 1|` over :data:`SAME_ESTIMATORS`, NaN without peers);
+        ``moving_average_ratios`` (peer / gradkit variance of the moving averages);
+        ``batched_slower`` and ``per_call_slower`` (for the estimators that gradkit and the
+        peer both run batched: the peer's batched time over gradkit's batched time, and its
+        one-call-per-estimate time over gradkit's fastest, from :func:`headline`); and
+        sentences ``correct``, ``same_variance``, ``moving_average``, ``speed``, ``wrong_text``
+        and ``summary`` (all of them joined).
+
+    Example:
+        >>> t = pd.DataFrame({"library": ["gradkit", "pyro"], "estimator": ["pathwise"] * 2,
+        ...     "mode": ["batched"] * 2, "parameter": ["loc"] * 2, "seconds": [0.01, 0.02],
+        ...     "variance": [1.0, 1.0], "variance_vs_gradkit": [1.0, 1.0],
+        ...     "verdict": ["ok", "ok"]})
+        >>> f = findings({"gaussian": t})
+        >>> f["gradkit_ok"], f["peers"], f["same_variance_deviation"], f["batched_slower"]
+        (1, ['pyro'], 0.0, [2.0])
+    """
+    table = pd.concat(list(tables.values()), ignore_index=True)
+    ours, theirs = table[table.library == "gradkit"], table[table.library != "gradkit"]
+    ran = theirs[theirs.seconds.notna()]
+    out: dict[str, Any] = {
+        "gradkit_rows": len(ours),
+        "gradkit_ok": int((ours.verdict == "ok").sum()),
+        "peers": sorted(set(ran.library)),
+    }
+    n, ok = out["gradkit_rows"], out["gradkit_ok"]
+    out["correct"] = (
+        f"All {n} of gradkit's rows agree with the exact gradient (within "
+        f"{Z_THRESHOLD:.0f} standard errors)."
+        if ok == n
+        else f"{n - ok} of gradkit's {n} rows do NOT agree with the exact gradient."
+    )
+    wrong = []
+    bad = theirs[~theirs.verdict.isin(["ok", "not offered"])]
+    for (library, estimator), part in bad.groupby(["library", "estimator"], sort=False):
+        modes = set(theirs[(theirs.library == library) & (theirs.estimator == estimator)]["mode"])
+        details = []
+        if set(part["mode"]) != modes:
+            details += sorted(set(part["mode"]))
+        if part.verdict.str.contains("returns 0").all():
+            details.append("returns 0")
+        if part.verdict.str.startswith("fails").all():
+            details.append("fails")
+        wrong.append(f"{library} {estimator}" + (f" ({', '.join(details)})" if details else ""))
+    out["wrong"] = wrong
+    same = ran[ran.estimator.isin(SAME_ESTIMATORS)].variance_vs_gradkit.dropna()
+    out["same_variance_deviation"] = float((same - 1).abs().max()) if len(same) else math.nan
+    average = ran[ran.estimator.str.endswith("moving_average")].variance_vs_gradkit.dropna()
+    out["moving_average_ratios"] = [float(v) for v in average]
+    heads = [headline(t) for t in tables.values()]
+    head = pd.concat(heads, ignore_index=True) if any(len(h) for h in heads) else pd.DataFrame()
+    batched = head[head.mode_compared == "batched"] if len(head) else head
+    out["batched_slower"] = [float(v) for v in batched.get("slower_same_mode", [])]
+    out["per_call_slower"] = [
+        float(v) for v in batched.get("per_call_vs_gradkit_best", pd.Series(dtype=float)).dropna()
+    ]
+    if not out["peers"]:
+        out["same_variance"] = out["moving_average"] = out["speed"] = ""
+        out["wrong_text"] = (
+            "No peer ran for these results"
+            + (f" ({no_peers})" if no_peers else "")
+            + ", so they compare gradkit with the exact gradients only; make bench installs "
+            "Pyro and Storchastic and runs the full comparison."
+        )
+    else:
+        deviation = out["same_variance_deviation"]
+        out["same_variance"] = (
+            "Where a peer implements the same estimator (plain or leave-one-out score function, "
+            "pathwise) it draws the same random numbers for the same seed, and its variance "
+            + (
+                "matches gradkit's up to rounding (relative difference at most "
+                f"{deviation:.1e}): the estimators are the same."
+                if deviation < 1e-3
+                else f"differs from gradkit's by up to {deviation:.0%}."
+            )
+            if math.isfinite(deviation)
+            else ""
+        )
+        if average.empty:
+            out["moving_average"] = ""
+        else:
+            lead = (
+                "gradkit's, which corrects the bias of its first steps, is the least noisy in "
+                "every comparison"
+                if average.min() > 1
+                else "gradkit's is the noisiest in every comparison"
+                if average.max() < 1
+                else "none of the three is the least noisy in every comparison"
+            )
+            out["moving_average"] = (
+                f"The peers' moving averages have {_span(average, '.2f')} times the variance of "
+                f"gradkit's: {lead}."
+            )
+        speed = []
+        if len(out["batched_slower"]):
+            met = sum(v >= 10 for v in out["batched_slower"])
+            speed.append(
+                f"In batched mode the peers take {_span(batched.slower_same_mode, '.1f')} times "
+                f"gradkit's time (the tenfold target is met in {met} of "
+                f"{len(out['batched_slower'])} comparisons)"
+            )
+        if len(out["per_call_slower"]):
+            speed.append(
+                "called once per estimate, as their tutorials use them, they take "
+                f"{_span(pd.Series(out['per_call_slower']), '.0f')} times gradkit's fastest way"
+            )
+        out["speed"] = "; ".join(speed) + "." if speed else ""
+        out["wrong_text"] = (
+            f"Peer estimators with a wrong mean or a failure: {'; '.join(wrong)}."
+            if wrong
+            else "No peer estimator has a wrong mean."
+        )
+    keys = ("correct", "same_variance", "moving_average", "speed", "wrong_text")
+    out["summary"] = " ".join(out[k] for k in keys if out[k])
+    return out
 
 
 def other_results(directory: Path = RESULTS) -> dict[str, list[Path]]:

@@ -42,6 +42,7 @@ __all__ = [
     "chapter_files",
     "execute_all",
     "execute_chapter",
+    "git_commit",
     "pick_device",
     "provenance_records",
     "seed_everything",
@@ -63,7 +64,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _git_commit(root: Path = ROOT) -> str:
+def git_commit(root: Path = ROOT) -> str:
+    """The checkout's commit (with ``+dirty`` for uncommitted changes), or ``unknown``."""
     try:
         out = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "HEAD"],
@@ -149,7 +151,7 @@ class Context:
             "seed": self.seed,
             "device": device,
             "versions": versions(),
-            "git_commit": _git_commit(),
+            "git_commit": git_commit(),
             "platform": platform.platform(),
             "wall_time_s": round(time.perf_counter() - self.start, 3),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -22,7 +22,7 @@ Otherwise every element is treated as coupled to every other.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -119,12 +119,18 @@ def _check_support(dist: Distribution, names: list[str]) -> None:
 
 
 def score_function_estimates(
-    dist: Distribution, x: Tensor, fx: Tensor, baseline: Any = None, f: CostFn | None = None
+    dist: Distribution,
+    x: Tensor,
+    fx: Tensor,
+    baseline: Any = None,
+    f: CostFn | None = None,
+    scores: dict[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Per-sample score-function estimates from samples ``x`` and costs ``fx = f(x)``."""
     params = parameters(dist)
     _check_support(dist, list(params))
-    scores = score(dist, x)
+    if scores is None:
+        scores = score(dist, x)
     signal = signal_for(dist, fx.detach())
     batch_ndim = signal.dim() - 1
     b: Tensor | dict[str, Tensor] = torch.zeros_like(signal)
@@ -440,6 +446,19 @@ class _Backward:
         self.f, self.dist, self.x, self.fx = f, dist, x, fx
         self.estimator, self.options, self.names = estimator, options, names
         self.shape = fx.shape[1:]
+        self.plate = is_plate(dist, fx)
+        self.scores: dict[str, Tensor] | None = None
+        self.baseline: Tensor | dict[str, Tensor] | None = None
+        baseline = options.get("baseline")
+        if estimator == "score_function":
+            _check_support(dist, names)
+            self.scores = score(dist, x)
+            if baseline is not None and not isinstance(baseline, ControlVariate):
+                # Baselines see f in its own units, once per forward pass (a moving average
+                # is updated here, whatever the loss later does with the value).
+                if not isinstance(baseline, Baseline):
+                    baseline = Constant(baseline)
+                self.baseline = baseline(signal_for(dist, fx), self.scores)
 
     def contract(self, values: Tensor, g: Tensor, lead: int) -> Tensor:
         weighted = values * g
@@ -448,16 +467,20 @@ class _Backward:
         return weighted.reshape(*weighted.shape[:lead], -1).sum(-1)
 
     def weighted_baseline(self, g: Tensor) -> Any:
-        """A constant baseline is given in units of ``f``: weight it like the cost."""
-        baseline = self.options.get("baseline")
-        if baseline is None or isinstance(baseline, (ControlVariate, Baseline)):
-            if not isinstance(baseline, Constant):
-                return baseline
-            baseline = baseline.constant
-        value = torch.as_tensor(baseline, dtype=self.fx.dtype, device=self.fx.device)
-        if tuple(self.shape) == tuple(self.dist.batch_shape):
-            return Constant(value * g)
-        return Constant(value * g.mean())
+        """The forward pass's baseline (in units of ``f``), weighted like the contracted cost."""
+        if self.baseline is None:
+            return self.options.get("baseline")  # None or a control variate
+        b = self.baseline
+        if not self.plate:  # one baseline for the cost summed over T
+            weight = g.mean()
+            return _Fixed(
+                {k: v * weight for k, v in b.items()} if isinstance(b, dict) else b * weight
+            )
+        if isinstance(b, dict):
+            return _Fixed(
+                {k: v * g.reshape(*g.shape, *[1] * (v.dim() - 1 - g.dim())) for k, v in b.items()}
+            )
+        return _Fixed(b * g)
 
     def gradients(self, g: Tensor) -> list[Tensor]:
         g = g.detach()
@@ -470,7 +493,7 @@ class _Backward:
         with torch.no_grad():
             if self.estimator == "score_function":
                 grads = score_function_estimates(
-                    self.dist, self.x, fx, self.weighted_baseline(g), contracted
+                    self.dist, self.x, fx, self.weighted_baseline(g), contracted, self.scores
                 )
             else:
                 from gradkit.weak_derivatives import measure_valued_estimates
@@ -485,6 +508,16 @@ class _Backward:
                     wrt=targets if targets is None else [n for n in targets if n in self.names],
                 )
         return [grads[name].mean(0) for name in self.names]
+
+
+class _Fixed(Baseline):
+    """A baseline computed earlier (per sample, or per parameter as a dict)."""
+
+    def __init__(self, value: Tensor | dict[str, Tensor]) -> None:
+        self.fixed = value
+
+    def value(self, signal: Tensor, scores: Mapping[str, Tensor]) -> Tensor | dict[str, Tensor]:
+        return self.fixed
 
 
 class _EstimatorGradient(torch.autograd.Function):

@@ -192,3 +192,117 @@ def test_obtain_reads_results_or_runs(tmp_path):
     assert [p.name for p in report.other_results(tmp_path)["json"]] == ["mvd_vae.json"]
     with pytest.raises(ValueError, match="name must be one of"):
         report.obtain("nothing", "smoke")
+
+
+# --- what the chapter says: verdicts, provenance, findings ----------------------------------
+
+
+def test_verdict_shows_the_mean_and_a_zero_mean():
+    assert verdict(57.7, mean=0.0548, exact=0.025) == (
+        "WRONG MEAN (mean 0.0548, exact 0.025, |z| = 57.7)"
+    )
+    # an estimator that always returns 0 has zero variance: its |z| is the floor's 1e5
+    zero = summarise(torch.full((100,), -1e-11), torch.tensor(0.025))
+    assert zero["max_abs_z"] > 1e4
+    assert verdict(zero["max_abs_z"], mean=zero["mean"], exact=zero["exact"]) == (
+        "WRONG MEAN (returns 0, exact 0.025)"
+    )
+    assert verdict(1.0, mean=0.0, exact=0.025) == "ok"
+
+
+def test_obtain_rewords_old_verdicts_with_the_mean(tmp_path):
+    import pandas as pd
+
+    old = pd.DataFrame(
+        {
+            "library": ["storchastic", "storchastic"],
+            "estimator": ["ScoreFunctionWOR", "REBAR"],
+            "mode": ["batched"] * 2,
+            "parameter": ["logits"] * 2,
+            "mean": [-1.8e-11, 0.0548],
+            "exact": [0.025, 0.025],
+            "max_abs_z": [99999.99, 57.67],
+            "verdict": ["WRONG MEAN (|z| = 100000.0)", "WRONG MEAN (|z| = 57.7)"],
+        }
+    )
+    write_results(tmp_path, "peers_bernoulli", old)
+    got = report.obtain("peers_bernoulli", "smoke", directory=tmp_path).table
+    assert list(got.verdict) == [
+        "WRONG MEAN (returns 0, exact 0.025)",
+        "WRONG MEAN (mean 0.0548, exact 0.025, |z| = 57.7)",
+    ]
+
+
+def _result(name, commit, origin="read from somewhere"):
+    meta = {"machine": {"git_commit": commit, "created": "2026-01-02T03:04:05+00:00"}}
+    return report.Result(name, None, meta, origin)
+
+
+def test_provenance_names_commit_date_and_staleness():
+    stale = report.provenance([_result("scaling", "aaa1111")], commit="bbb2222")
+    assert "commit aaa1111 on 2026-01-02 03:04 UTC" in stale
+    assert "checkout is at commit bbb2222" in stale and "make bench" in stale
+    same = report.provenance([_result("scaling", "bbb2222")], commit="bbb2222")
+    assert "That is this checkout's commit" in same and "refresh" not in same
+    now = report.provenance([_result("per_sample", "bbb2222", "run now")], commit="bbb2222")
+    assert now.startswith("per_sample: run just now") and "commit bbb2222" in now
+
+
+def _peer_table(peer_ma_variance=1.5, wor_mean=0.0):
+    import pandas as pd
+
+    rows = [
+        # library, estimator, mode, seconds, variance, verdict
+        ("gradkit", "score_function", "batched", 0.01, 2.0, "ok"),
+        ("gradkit", "score_function", "per_call", 1.0, 2.0, "ok"),
+        ("gradkit", "score_function+moving_average", "per_call", 1.0, 1.0, "ok"),
+        ("pyro", "score_function", "batched", 0.02, 2.0, "ok"),
+        ("pyro", "score_function", "per_call", 5.0, 2.0, "ok"),
+        ("pyro", "score_function+moving_average", "per_call", 4.0, peer_ma_variance, "ok"),
+        ("storchastic", "ScoreFunctionWOR", "batched", 0.01, 0.0, verdict(1e5, mean=wor_mean,
+                                                                          exact=0.025)),
+        ("storchastic", "ScoreFunctionWOR", "per_call", 1.0, 0.0, verdict(1e5, mean=wor_mean,
+                                                                           exact=0.025)),
+    ]  # fmt: skip
+    table = pd.DataFrame(
+        rows, columns=["library", "estimator", "mode", "seconds", "variance", "verdict"]
+    )
+    table["parameter"] = "logits"
+    gradkit = table[table.library == "gradkit"].set_index(["estimator", "mode"]).variance
+    table["variance_vs_gradkit"] = [
+        r.variance / gradkit.get((r.estimator, r.mode), float("nan")) for r in table.itertuples()
+    ]
+    return table
+
+
+def test_findings_are_computed_from_the_rows():
+    f = report.findings({"bernoulli": _peer_table()})
+    assert f["gradkit_ok"] == f["gradkit_rows"] == 3
+    assert f["peers"] == ["pyro", "storchastic"]
+    assert f["wrong"] == ["storchastic ScoreFunctionWOR (returns 0)"]
+    assert f["same_variance_deviation"] == 0.0 and "up to rounding" in f["same_variance"]
+    assert f["moving_average_ratios"] == [1.5] and "least noisy" in f["moving_average"]
+    assert f["batched_slower"] == [2.0] and f["per_call_slower"] == [500.0]
+    assert "met in 0 of 1" in f["speed"] and "500 times" in f["speed"]
+    assert f["summary"].startswith("All 3 of gradkit's rows agree")
+    # the sentences follow the numbers
+    noisier = report.findings({"bernoulli": _peer_table(peer_ma_variance=0.5)})
+    assert "gradkit's is the noisiest" in noisier["moving_average"]
+    nonzero = report.findings({"bernoulli": _peer_table(wor_mean=0.01)})
+    assert nonzero["wrong"] == ["storchastic ScoreFunctionWOR"]
+
+
+def test_findings_without_peers_say_so():
+    table = _peer_table()
+    f = report.findings({"bernoulli": table[table.library == "gradkit"]}, no_peers="not here")
+    assert f["peers"] == [] and f["wrong"] == []
+    assert f["same_variance"] == f["moving_average"] == f["speed"] == ""
+    assert "No peer ran for these results (not here)" in f["summary"]
+    assert "least noisy" not in f["summary"] and "identical" not in f["summary"]
+
+
+def test_measure_valued_cost_evaluations_are_one_plus_three_d():
+    assert [bench_scaling.cost_evaluations(d) for d in (1, 7, 30)] == [4.0, 22.0, 91.0]
+    assert bench_scaling.cost_evaluations(5, batch=6) == 16.0
+    with pytest.raises(ValueError, match="sizes must be positive"):
+        bench_scaling.cost_evaluations(0)

@@ -470,3 +470,27 @@ def test_estimators_work_under_inference_mode():
     exact = torch.tensor([0.0, 2.0])
     assert_unbiased({"loc": pw}, {"loc": exact})
     assert_unbiased({"loc": sf}, {"loc": exact})
+
+
+def test_expectation_updates_a_moving_average_in_the_units_of_f():
+    """A stateful baseline sees f itself in the forward pass, whatever the loss's scale."""
+    mu = torch.zeros(3, requires_grad=True)
+    d = D.Normal(mu, torch.ones(3))
+    ema = gk.baselines.ExponentialMovingAverage(decay=0.5)
+    for _ in range(6):
+        value = gk.expectation(
+            lambda x: x**2 + 10.0, d, 64, estimator="score_function", baseline=ema
+        )
+        (1e-3 * value.sum()).backward()  # a loss on a very different scale
+    assert abs(ema.average.item() - 11.0) < 1.0
+    # per-parameter baselines in the plate case are weighted per element
+    mu.grad = None
+    value = gk.expectation(
+        lambda x: x**2,
+        d,
+        2_000,
+        estimator="score_function",
+        baseline=gk.baselines.OptimalConstant(),
+    )
+    (value * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+    assert torch.allclose(mu.grad, torch.zeros(3), atol=0.4)

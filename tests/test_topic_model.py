@@ -136,6 +136,18 @@ def test_baselines_reduce_variance(model, docs):
     assert variance["local_expectation"] < variance["loo"]
 
 
+def test_moving_average_is_kept_in_nats_whatever_the_loss_scale(model, docs):
+    """Training scales the loss by 1/tokens; the average must still track log p(x|z) itself."""
+    estimator = make_estimator("ema", docs)
+    for _ in range(5):
+        value, _ = estimator(model, docs, model.logits(docs))
+        (-value.sum() / docs.sum()).backward()
+    assert estimator.baseline.steps == 5
+    none = topic.gradient_variance(model, make_estimator("none", docs), docs, replicates=200)
+    ema = topic.gradient_variance(model, estimator, docs, replicates=200)
+    assert ema < none / 10, (ema, none)
+
+
 def test_gradient_variance_matches_per_replicate_backward(model, docs):
     """The vmap'd vector-Jacobian product equals a plain backward pass per replicate."""
     estimator = make_estimator("loo", docs)
@@ -151,7 +163,7 @@ def test_gradient_variance_matches_per_replicate_backward(model, docs):
 
 
 def test_training_increases_elbo():
-    truth = topic.BernoulliTopicModel(30, 3, prior=0.3)
+    truth = topic.BernoulliTopicModel(30, 3, prior=0.3, decoder_hidden=0)  # clear topics
     with torch.no_grad():
         truth.decoder[0].weight.mul_(4.0)
     corpus, _ = truth.sample(num_docs=240, doc_length=40)
@@ -209,17 +221,32 @@ def test_compare_estimators_and_plots(docs):
 
 
 def test_factor_effects_of_linear_decoder_are_its_weights():
-    model = topic.BernoulliTopicModel(V, K)
+    model = topic.BernoulliTopicModel(V, K, decoder_hidden=0)
     w = model.decoder[0].weight.detach().T  # (k, V)
     effects = model.factor_effects()
     torch.testing.assert_close(effects - effects.mean(-1, keepdim=True), w - w.mean(-1, True))
 
 
-def test_word_counts_set_the_background():
+@pytest.mark.parametrize("hidden", [0, 8])
+def test_word_counts_set_the_background(hidden):
     counts = torch.arange(1.0, V + 1)
-    model = topic.BernoulliTopicModel(V, K, word_counts=counts)
-    probs = torch.softmax(model.decoder[0].bias, -1)
+    model = topic.BernoulliTopicModel(V, K, decoder_hidden=hidden, word_counts=counts)
+    with torch.no_grad():  # every factor off: the unigram model of the corpus
+        probs = torch.softmax(model.decoder(torch.zeros(K)), -1)
     torch.testing.assert_close(probs, (counts + 0.5) / (counts.sum() + 0.5 * V))
+
+
+def test_default_decoder_is_a_network_with_softmax_output():
+    model = topic.BernoulliTopicModel(V, K)
+    assert [type(m) for m in model.decoder] == [torch.nn.Linear, torch.nn.Tanh, torch.nn.Linear]
+    assert model.decoder[0].out_features == 64
+    z = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    with torch.no_grad():
+        out = model.decoder(z)
+    # factor 1's effect on the word log-odds depends on factor 2, unlike a linear decoder's
+    assert not torch.allclose(out[1] - out[0], out[3] - out[2], atol=1e-3)
+    linear = topic.BernoulliTopicModel(V, K, decoder_hidden=0).decoder(z).detach()
+    torch.testing.assert_close(linear[1] - linear[0], linear[3] - linear[2])
 
 
 # --- errors -------------------------------------------------------------------------------

@@ -107,19 +107,24 @@ def _states(num_factors: int, like: Tensor) -> Tensor:
 class BernoulliTopicModel(nn.Module):
     r"""Binary latent factor topic model :math:`p_\theta(x, z)` with a mean-field inference network.
 
-    The decoder :math:`g_\theta(z) = \mathrm{softmax}(\mathrm{net}(z))` is a linear layer
-    (``decoder_hidden=0``: factor :math:`j` adds a vector of word log-odds) or a one-hidden-layer
-    network. The encoder :math:`f_\lambda` maps :math:`\log(1 + c)` through a ``tanh`` hidden
-    layer to :math:`k` logits of :math:`q_\lambda(z \mid x)`.
+    The decoder is a neural network with a softmax output, by default with one ``tanh`` hidden
+    layer of width :math:`H`,
+    :math:`g_\theta(z) = \mathrm{softmax}\big(b + W \tanh(Az + a)\big)`, whose hidden bias
+    :math:`a` starts at zero, so that :math:`g_\theta(0) = \mathrm{softmax}(b)`;
+    ``decoder_hidden=0`` gives the linear decoder :math:`\mathrm{softmax}(b + Wz)`, in which
+    factor :math:`j` adds the column :math:`W_{:,j}` to the word log-odds. The encoder
+    :math:`f_\lambda` maps :math:`\log(1 + c)` through a ``tanh`` hidden layer to :math:`k`
+    logits of :math:`q_\lambda(z \mid x)`.
 
     Args:
         vocab_size: :math:`V`.
         num_factors: :math:`k`.
         prior: :math:`\phi \in (0, 1)`, the prior probability that a factor is on.
         encoder_hidden: width of the encoder's hidden layer.
-        decoder_hidden: width of the decoder's hidden layer (0: linear decoder).
+        decoder_hidden: width :math:`H` of the decoder's hidden layer (0: linear decoder).
         word_counts: optional corpus word counts, shape ``(V,)``; the decoder's output bias
-            starts at their log frequencies (the background distribution).
+            :math:`b` starts at their log frequencies, so that the model with every factor off
+            is the unigram model of the corpus.
 
     Raises:
         ValueError: for non-positive sizes, a prior outside ``(0, 1)``, or word counts of the
@@ -144,7 +149,7 @@ class BernoulliTopicModel(nn.Module):
         *,
         prior: float = 0.5,
         encoder_hidden: int = 64,
-        decoder_hidden: int = 0,
+        decoder_hidden: int = 64,
         word_counts: Tensor | None = None,
     ) -> None:
         super().__init__()
@@ -167,7 +172,9 @@ class BernoulliTopicModel(nn.Module):
         output = nn.Linear(decoder_hidden or num_factors, vocab_size)
         layers: list[nn.Module] = [output]
         if decoder_hidden:
-            layers = [nn.Linear(num_factors, decoder_hidden), nn.Tanh(), output]
+            hidden = nn.Linear(num_factors, decoder_hidden)
+            nn.init.zeros_(hidden.bias)  # tanh(0) = 0: with every factor off, g(0) = softmax(b)
+            layers = [hidden, nn.Tanh(), output]
         self.decoder = nn.Sequential(*layers)
         if word_counts is not None:
             if word_counts.shape != (vocab_size,):
@@ -401,7 +408,6 @@ class GradientEstimator(nn.Module):
 
             return expectation(f_hard, relaxed, self.num_samples, estimator="pathwise"), zero
         q = Independent(Bernoulli(logits=logits), 1)
-        baseline = self.baseline if update else copy.deepcopy(self.baseline)
         if self.method == "learned":
             assert self.learned is not None
             prediction = self.learned(docs)
@@ -409,8 +415,17 @@ class GradientEstimator(nn.Module):
                 f, q, self.num_samples, estimator="score_function", baseline=prediction
             )
             return value, self.learned.loss(prediction, value.detach())
+        if self.method == "ema":
+            # The average of past signals, in nats whatever scale the caller's loss has: its
+            # current value (read from a copy) is passed as a constant, and this step's mean
+            # signal is recorded afterwards.
+            past = copy.deepcopy(self.baseline)(logits.new_zeros(1), {}).squeeze(0)
+            value = expectation(f, q, self.num_samples, estimator="score_function", baseline=past)
+            if update:
+                self.baseline(value.detach(), {})
+            return value, zero
         return expectation(
-            f, q, self.num_samples, estimator="score_function", baseline=baseline
+            f, q, self.num_samples, estimator="score_function", baseline=self.baseline
         ), zero
 
     def _local_expectation(self, f: Any, logits: Tensor) -> Tensor:
