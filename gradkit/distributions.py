@@ -52,6 +52,21 @@ def base_distribution(dist: Distribution) -> tuple[Distribution, int]:
     return dist, ndims
 
 
+_INIT_ARGUMENTS: dict[type, tuple[inspect.Parameter, ...]] = {}
+
+
+def _init_arguments(cls: type) -> tuple[inspect.Parameter, ...]:
+    """The constructor's named arguments (cached per class: inspect is slow)."""
+    if cls not in _INIT_ARGUMENTS:
+        _INIT_ARGUMENTS[cls] = tuple(
+            arg
+            for arg in inspect.signature(cls.__init__).parameters.values()  # type: ignore[misc]
+            if arg.name not in _SKIP_INIT_ARGS
+            and arg.kind not in (arg.VAR_POSITIONAL, arg.VAR_KEYWORD)
+        )
+    return _INIT_ARGUMENTS[cls]
+
+
 def _is_alternative(cls: type, name: str) -> bool:
     """True for parameters torch computes lazily from an alternative (``probs``/``logits``)."""
     return isinstance(inspect.getattr_static(cls, name, None), lazy_property)
@@ -145,9 +160,7 @@ def rebuild(dist: Distribution, params: dict[str, Tensor]) -> Distribution:
         )
     stored = _constructor_parameters(dist)
     kwargs: dict[str, Any] = {}
-    for arg in inspect.signature(type(dist).__init__).parameters.values():
-        if arg.name in _SKIP_INIT_ARGS or arg.kind in (arg.VAR_POSITIONAL, arg.VAR_KEYWORD):
-            continue
+    for arg in _init_arguments(type(dist)):
         if arg.name in params:
             kwargs[arg.name] = params[arg.name]
         elif arg.name in stored:
