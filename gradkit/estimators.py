@@ -413,8 +413,6 @@ def expectation(
     names = [name for name, theta in params.items() if theta.requires_grad]
     if not names:
         return value
-    if estimator == "measure_valued":
-        _measure_valued_targets(dist, options.get("wrt"))  # early, clear error if unregistered
     surrogate = _EstimatorGradient.apply(
         _Backward(f, dist, x, fx.detach(), estimator, options, names),
         *(params[name] for name in names),
@@ -449,7 +447,12 @@ class _Backward:
         self.plate = is_plate(dist, fx)
         self.scores: dict[str, Tensor] | None = None
         self.baseline: Tensor | dict[str, Tensor] | None = None
+        self.targets: list[str] | None = None
         baseline = options.get("baseline")
+        if estimator == "measure_valued":
+            # resolved now, so an unregistered parameter fails in the forward pass
+            targets = _measure_valued_targets(dist, options.get("wrt"))
+            self.targets = targets if targets is None else [n for n in targets if n in names]
         if estimator == "score_function":
             _check_support(dist, names)
             self.scores = score(dist, x)
@@ -462,7 +465,7 @@ class _Backward:
 
     def contract(self, values: Tensor, g: Tensor, lead: int) -> Tensor:
         weighted = values * g
-        if tuple(self.shape) == tuple(self.dist.batch_shape):
+        if self.plate:
             return weighted  # one value per batch element: the plate structure is kept
         return weighted.reshape(*weighted.shape[:lead], -1).sum(-1)
 
@@ -498,14 +501,13 @@ class _Backward:
             else:
                 from gradkit.weak_derivatives import measure_valued_estimates
 
-                targets = _measure_valued_targets(self.dist, self.options.get("wrt"))
                 grads = measure_valued_estimates(
                     contracted,
                     self.dist,
                     self.x,
                     fx,
                     coupling=self.options.get("coupling", True),
-                    wrt=targets if targets is None else [n for n in targets if n in self.names],
+                    wrt=self.targets,
                 )
         return [grads[name].mean(0) for name in self.names]
 
