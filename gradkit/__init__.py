@@ -15,18 +15,14 @@ from gradkit import (
     per_sample,
     quadrature,
     rao_blackwell,
+    registry,
     reparam,
     scg,
 )
+from gradkit.autodiff import expectation
 from gradkit.distributions import DoubleSidedMaxwell
-from gradkit.estimators import (
-    ESTIMATORS,
-    expectation,
-    measure_valued,
-    pathwise,
-    score,
-    score_function,
-)
+from gradkit.estimators import measure_valued, pathwise, score, score_function
+from gradkit.registry import ESTIMATORS, Estimator, PlateHint, Problem, register_estimator
 from gradkit.per_sample import per_sample_grads
 from gradkit.weak_derivatives import (
     WeakDerivative,
@@ -42,6 +38,9 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 __all__ = [
     "ESTIMATORS",
     "DoubleSidedMaxwell",
+    "Estimator",
+    "PlateHint",
+    "Problem",
     "WeakDerivative",
     "__version__",
     "baselines",
@@ -56,6 +55,8 @@ __all__ = [
     "quadrature",
     "rao_blackwell",
     "register_weak_derivative",
+    "registry",
+    "register_estimator",
     "registered_weak_derivatives",
     "reparam",
     "scg",

@@ -8,8 +8,9 @@ The score has mean zero, :math:`\mathbb{E}[\nabla_\theta\log p(x;\theta)] = 0`, 
 
 is still unbiased, and a good :math:`b` cuts its variance (Williams 1992; Greensmith, Bartlett
 and Baxter 2004; Mohamed et al. 2020, §7.4). A baseline here is called with the *learning
-signal* ``signal`` of shape ``(S, *B)`` — ``f`` per sample, per batch element in the plate case
-(``B = batch_shape``) or summed over ``f``'s outputs (``B = ()``) — and the per-sample scores,
+signal* ``signal`` of shape ``(S, *B)`` — ``f`` per batch element under a declared plate
+(``plate=True``, ``B = batch_shape``), otherwise summed over ``f``'s outputs (``B = ()``) —
+and the per-sample scores,
 and returns ``b`` of the same shape as ``signal``, or a dict of per-parameter baselines shaped
 like the scores. Pass one as ``gk.score_function(..., baseline=...)``.
 """
@@ -43,12 +44,26 @@ def _need_two(signal: Tensor, what: str) -> None:
 class Baseline(abc.ABC):
     """A baseline :math:`b` subtracted from the learning signal of the score-function estimator.
 
-    Subclasses implement :meth:`value`; calling the baseline checks the shape of what it returns.
+    State is explicit: :meth:`value` computes the baseline for the current samples and never
+    changes the baseline; :meth:`update` folds the current signal into a stateful baseline
+    (a moving average) and is called once per estimator call, *after* the value was used, by
+    ``gk.score_function`` and ``gk.expectation``. So the baseline a sample sees never contains
+    that sample, and evaluating a baseline (for a variance measurement, say) needs no copy.
+    Subclasses implement :meth:`value` (and :meth:`update` when they keep state); calling the
+    baseline checks the shape of what :meth:`value` returns. A baseline that needs the
+    per-sample scores sets :attr:`needs_scores`: they cost a copy of every parameter per
+    sample, ``S x parameter size``.
     """
+
+    #: whether :meth:`value` reads the per-sample scores (otherwise it receives ``{}``)
+    needs_scores: bool = False
 
     @abc.abstractmethod
     def value(self, signal: Tensor, scores: Mapping[str, Tensor]) -> Tensor | dict[str, Tensor]:
         """The baseline for each sample: a tensor broadcastable to ``signal``, or a dict."""
+
+    def update(self, signal: Tensor) -> None:  # noqa: B027 (stateless baselines keep no state)
+        """Fold this call's signal into the baseline's state (stateless baselines: nothing)."""
 
     def __call__(self, signal: Tensor, scores: Mapping[str, Tensor]) -> Tensor | dict[str, Tensor]:
         b = self.value(signal, scores)
@@ -78,7 +93,8 @@ class Baseline(abc.ABC):
             raise ValueError(
                 f"{type(self).__name__} returned a baseline of shape {tuple(b.shape)}, which "
                 f"does not broadcast to the learning signal's shape {tuple(signal.shape)} "
-                "(num_samples, *batch_shape); give one value per batch element or a scalar"
+                "(num_samples, *batch_shape under a plate, or num_samples); give one value "
+                "per batch element or a scalar"
             ) from None
 
 
@@ -110,48 +126,84 @@ class Constant(Baseline):
 class ExponentialMovingAverage(Baseline):
     r"""An exponential moving average of past learning signals (Williams 1992).
 
-    .. math:: \bar f_t = \beta \bar f_{t-1} + (1-\beta)\,\mathrm{mean}(f_t), \qquad
-       b_t = \bar f_{t-1} / (1 - \beta^{t-1})
+    .. math:: \bar f_t = \beta_t \bar f_{t-1} + (1-\beta_t)\,\mathrm{mean}(f_t), \qquad
+       b_t = \bar f_{t-1} \;\big/\; \big(1 - \textstyle\prod_{u<t} \beta_u\big)
 
-    The baseline used at step :math:`t` only contains earlier steps' signals, so it is
-    independent of the current samples and the estimate stays unbiased. The average is
-    bias-corrected as in Adam (Kingma and Ba 2015); the first call uses :math:`b = 0`.
+    :meth:`value` returns the average of *earlier* calls (zero before the first update), so
+    it is independent of the current samples and the estimate stays unbiased; :meth:`update`
+    adds the current call's mean signal. With ``zero_debias`` (the default) the average is
+    divided by one minus the product of the decays, as in Adam (Kingma and Ba 2015) and optax's
+    ``moving_avg_baseline``, so early values are not pulled towards zero. With
+    ``early_training`` the decay is :math:`\beta_t = \min(\beta, (1+t)/(10+t))`, optax's
+    heuristic that averages over few steps while there is little history.
 
     Args:
         decay: :math:`\beta \in [0, 1)`.
+        zero_debias: divide out the zero initialisation's bias.
+        early_training: use the smaller decay :math:`(1+t)/(10+t)` early on.
         per_element: keep one average per batch element (when every step sees the same batch
-            elements); by default one scalar average over all of them.
+            elements, under a declared plate); by default one scalar average over all of them.
 
     Example:
         >>> import torch, gradkit as gk
         >>> ema = gk.baselines.ExponentialMovingAverage(decay=0.5)
-        >>> ema(torch.full((4,), 2.0), {})  # first call: no history yet
+        >>> ema(torch.full((4,), 2.0), {})  # no history yet
         tensor([0., 0., 0., 0.])
-        >>> ema(torch.full((4,), 4.0), {})  # bias-corrected average of the first call
+        >>> ema.update(torch.full((4,), 2.0))
+        >>> ema(torch.full((4,), 4.0), {})  # the debiased average of the first call
         tensor([2., 2., 2., 2.])
     """
 
-    def __init__(self, decay: float = 0.9, per_element: bool = False) -> None:
+    def __init__(
+        self,
+        decay: float = 0.9,
+        *,
+        zero_debias: bool = True,
+        early_training: bool = False,
+        per_element: bool = False,
+    ) -> None:
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:
             raise ValueError(
                 f"decay must be a number in [0, 1), got {decay!r}; values near 1 (e.g. 0.9) "
                 "average over more past steps"
             )
-        self.decay = decay
+        for flag, label in ((zero_debias, "zero_debias"), (early_training, "early_training")):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{label} must be True or False, got {flag!r}")
+        self.decay = float(decay)
+        self.zero_debias = zero_debias
+        self.early_training = early_training
         self.per_element = per_element
         self.average: Tensor | None = None
         self.steps = 0
+        self.weight = 0.0  # 1 - prod of the decays used so far: the average's total weight
+
+    def _current(self, signal: Tensor) -> Tensor:
+        return signal.detach().mean(0) if self.per_element else signal.detach().mean()
 
     def value(self, signal: Tensor, scores: Mapping[str, Tensor]) -> Tensor:
-        current = signal.detach().mean(0) if self.per_element else signal.detach().mean()
+        current = self._current(signal)
         if self.average is None or self.steps == 0:
-            b = torch.zeros_like(current)
+            return torch.zeros_like(current)
+        if self.average.shape != current.shape:
+            raise ValueError(
+                f"the moving average has shape {tuple(self.average.shape)} but this call's "
+                f"signal averages to {tuple(current.shape)}; per_element=True needs the same "
+                "batch elements every call"
+            )
+        average = self.average.to(current)
+        return average / self.weight if self.zero_debias else average
+
+    def update(self, signal: Tensor) -> None:
+        current = self._current(signal)
+        decay = self.decay
+        if self.early_training:
+            decay = min(decay, (1.0 + self.steps) / (10.0 + self.steps))
+        if self.average is None:
             self.average = torch.zeros_like(current)
-        else:
-            b = self.average / (1.0 - self.decay**self.steps)
-        self.average = self.decay * self.average + (1.0 - self.decay) * current
+        self.average = decay * self.average.to(current) + (1.0 - decay) * current
+        self.weight = decay * self.weight + (1.0 - decay)
         self.steps += 1
-        return b
 
 
 class LeaveOneOut(Baseline):
@@ -183,8 +235,11 @@ class OptimalConstant(Baseline):
     which :func:`gradkit.estimators.score` computes with ``torch.func``. To keep the estimate
     unbiased,
     sample :math:`s` uses :math:`b^\star` estimated from the other samples (leave-one-out).
-    Needs ``S >= 2``.
+    Needs ``S >= 2``. It needs the per-sample scores: a copy of every parameter per sample,
+    ``S x parameter size`` in memory and time (the other baselines need only the signal).
     """
+
+    needs_scores = True
 
     def value(self, signal: Tensor, scores: Mapping[str, Tensor]) -> dict[str, Tensor]:
         _need_two(signal, "the optimal constant baseline")

@@ -1,57 +1,81 @@
-r"""Control variates for the score-function estimator.
+r"""Control variates for every estimator.
 
 A control variate is a term with known expectation subtracted from an estimator (Glasserman
 2003, ch. 4; Mohamed et al. 2020, §7). Baselines (:mod:`gradkit.baselines`) are the special
-case :math:`b\,\nabla_\theta\log p`. A :class:`ControlVariate` is more general: it receives the
-per-sample estimates and returns corrected ones. Pass one as
-``gk.score_function(..., baseline=cv)``.
+case :math:`b\,\nabla_\theta\log p` of the score function. A :class:`ControlVariate` works
+with *every* estimator, as optax's ``control_variates_jacobians`` did: it supplies a function
+:math:`\tilde f` whose expected gradient :math:`\nabla_\theta\mathbb{E}[\tilde f]` is known in
+closed form; the estimator is run once on ``f`` and once on :math:`\tilde f` *with the same
+samples and the same random numbers*, and the corrected rows are
 
-:class:`DeltaMethod` builds the control variate from a second-order Taylor expansion of the
-cost at the mean of the distribution (Paisley, Blei and Jordan 2012): a quadratic whose
-expectation, and the gradient of that expectation, are known in closed form from the mean and
-covariance of the distribution.
+.. math:: \hat g_s - \beta\,\big(\hat h_s - \nabla_\theta \mathbb{E}[\tilde f]\big),
+
+unbiased for any :math:`\beta` that does not depend on row :math:`s`. Pass one as
+``control_variate=`` to ``gk.score_function``, ``gk.pathwise``, ``gk.measure_valued``, any
+registered estimator, or ``gk.expectation``.
+
+:class:`DeltaMethod` builds :math:`\tilde f` from a second-order Taylor expansion of the cost at
+the mean of the distribution (Paisley, Blei and Jordan 2012): a quadratic whose expectation, and
+the gradient of that expectation, are known from the mean and covariance of the distribution.
+Under a declared plate it expands each batch element's cost separately (the Hessian of a plate
+is block-diagonal), so each element's estimate is corrected by its own quadratic.
 """
 
 from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
 from torch.distributions import Distribution
-from torch.func import grad, grad_and_value, jacfwd
+from torch.func import grad_and_value, jacfwd
 
 from gradkit.distributions import base_distribution, parameters, rebuild
+from gradkit.registry import loo_coefficient
 
-__all__ = ["ControlVariate", "DeltaMethod", "QuadraticExpansion"]
+if TYPE_CHECKING:
+    from gradkit.registry import Problem
+
+__all__ = ["Control", "ControlVariate", "DeltaMethod", "QuadraticExpansion"]
+
+
+class Control(NamedTuple):
+    r"""What a control variate supplies for one call.
+
+    Attributes:
+        signal: ``signal(x, lead)``: the control function at samples ``x`` with ``lead``
+            leading dimensions, shaped like the learning signal, ``(*lead, *plate_shape)``;
+            differentiable in ``x`` (a pathwise estimator differentiates it).
+        expectation: ``expectation(dist)``: :math:`\mathbb{E}_{\mathrm{dist}}[\tilde f]`
+            summed over the plate, differentiable in the parameters of ``dist`` (the engine
+            passes a rebuilt distribution whose parameters are leaves).
+    """
+
+    signal: Callable[[Tensor, int], Tensor]
+    expectation: Callable[[Distribution], Tensor]
 
 
 class ControlVariate(abc.ABC):
-    """Corrects per-sample score-function estimates with a zero-mean term."""
+    """A zero-mean correction that works with every registered estimator.
+
+    Subclasses implement :meth:`control`; :meth:`coefficient_for` chooses :math:`\beta`.
+    """
+
+    coefficient: float | None = None
 
     @abc.abstractmethod
-    def adjust(
-        self,
-        f: Callable[[Tensor], Tensor],
-        dist: Distribution,
-        x: Tensor,
-        signal: Tensor,
-        scores: Mapping[str, Tensor],
-        estimates: dict[str, Tensor],
-    ) -> dict[str, Tensor]:
-        """Return corrected per-sample estimates, each shaped like ``estimates[name]``.
+    def control(self, problem: Problem) -> Control:
+        """The control function and its exact expectation for this call (see :class:`Control`)."""
 
-        Args:
-            f: the cost function.
-            dist: the sampling distribution.
-            x: the samples, ``(S, *batch, *event)``.
-            signal: the learning signal ``(S, *B)`` (see :mod:`gradkit.baselines`).
-            scores: per-sample scores, ``(S, *param.shape)`` each.
-            estimates: the plain per-sample estimates ``signal * score``.
-        """
+    def coefficient_for(self, g: Tensor, h: Tensor) -> Tensor | float:
+        r""":math:`\beta` per row and element: fixed, or ``Cov(g, h)/Var(h)`` from the other rows."""
+        if self.coefficient is not None:
+            return self.coefficient
+        return loo_coefficient(g, h)
 
 
 def _moments(dist: Distribution, shape: torch.Size) -> tuple[Tensor, Tensor, bool]:
@@ -157,18 +181,6 @@ class QuadraticExpansion:
         return self.value + delta @ self.gradient + 0.5 * (quadratic + trace)
 
 
-def _loo_coefficient(g: Tensor, h: Tensor) -> Tensor:
-    """Per-sample, per-element ``Cov(g, h) / Var(h)`` over the *other* samples (dim 0)."""
-    n = g.shape[0] - 1
-    g = g - g.mean(0)  # covariances are shift-invariant; centring avoids cancellation
-    h = h - h.mean(0)
-    sum_g = g.sum(0) - g
-    sum_h = h.sum(0) - h
-    cov = (g * h).sum(0) - g * h - sum_g * sum_h / n
-    var = (h * h).sum(0) - h * h - sum_h * sum_h / n
-    return torch.where(var > 0, cov / var.clamp_min(torch.finfo(var.dtype).tiny), 0.0)
-
-
 class DeltaMethod(ControlVariate):
     r"""The delta-method control variate: a Taylor expansion of ``f`` at the mean.
 
@@ -189,13 +201,18 @@ class DeltaMethod(ControlVariate):
     By default :math:`\beta` is estimated per parameter element as
     :math:`\mathrm{Cov}(\hat g, h)/\mathrm{Var}(h)` from the *other* samples (leave-one-out),
     so it is independent of sample :math:`s` and the estimator stays unbiased; this needs
-    ``num_samples >= 3``. A fixed ``coefficient`` needs one sample.
+    ``num_samples >= 3``. A fixed ``coefficient`` needs one sample. The Hessian costs
+    :math:`D^2` for :math:`D` sample coordinates, and the score function's run on
+    :math:`\tilde f` needs its per-sample scores (a copy of the parameters per sample).
 
-    Requirements: ``f`` twice differentiable in ``x`` by autograd, returning one value per
-    sample, ``(S,)`` or ``(S, *T)`` summed over ``T`` (not the per-batch-element plate signal);
-    real-valued samples; a distribution whose ``mean`` and ``variance`` torch implements
-    (univariate, optionally in ``Independent``) or a ``MultivariateNormal``. The Hessian has
-    :math:`D^2` entries for :math:`D` sample coordinates.
+    It works with every estimator: for the pathwise estimator :math:`h_s` is the pathwise
+    gradient of :math:`\tilde f` at the same sample, for the measure-valued estimator the
+    difference of :math:`\tilde f` at the same perturbed points. Under a declared plate each
+    batch element gets its own expansion.
+
+    Requirements: ``f`` twice differentiable in ``x`` by autograd; real-valued samples; a
+    distribution whose ``mean`` and ``variance`` torch implements (univariate, optionally in
+    ``Independent``) or a ``MultivariateNormal``.
 
     Args:
         coefficient: a fixed :math:`\beta`, or ``None`` to estimate it.
@@ -207,7 +224,7 @@ class DeltaMethod(ControlVariate):
         >>> import torch, gradkit as gk
         >>> d = torch.distributions.Normal(torch.tensor(1.0), torch.tensor(2.0))
         >>> cv = gk.control_variates.DeltaMethod(coefficient=1.0)
-        >>> g = gk.score_function(lambda x: x**2, d, 4, baseline=cv)
+        >>> g = gk.score_function(lambda x: x**2, d, 4, control_variate=cv)
         >>> g["loc"].round(decimals=5), g["scale"].round(decimals=5)  # 2 mu and 2 sigma, exactly
         (tensor([2., 2., 2., 2.]), tensor([4., 4., 4., 4.]))
     """
@@ -223,6 +240,46 @@ class DeltaMethod(ControlVariate):
                 f"{coefficient!r}; e.g. DeltaMethod(coefficient=1.0)"
             )
         self.coefficient = coefficient
+
+    def control(self, problem: Problem) -> Control:
+        """The quadratic expansion of the call's (contracted) signal at the mean.
+
+        Raises:
+            TypeError: for integer-valued samples.
+            ValueError: for too few samples to estimate the coefficient, a distribution
+                without usable moments, or an ``f`` that cannot be expanded.
+        """
+        dist = problem.dist
+        if not problem.x.is_floating_point():
+            raise TypeError(
+                f"the delta method expands f in x, but {type(dist).__name__} draws "
+                f"{problem.x.dtype} samples; use it for real-valued samples (Bernoulli is "
+                "fine), or a baseline from gradkit.baselines"
+            )
+        rows = problem.num_samples
+        if self.coefficient is None and rows < 3:
+            raise ValueError(
+                f"the delta method estimates its coefficient from the other samples and needs "
+                f"at least 3 samples, got num_samples={rows}; draw more samples or fix "
+                "it, e.g. DeltaMethod(coefficient=1.0)"
+            )
+
+        def signal(x: Tensor) -> Tensor:
+            return problem.contract(problem.f(x), 1)
+
+        expansion, values = self._expand(signal, dist)
+        point, gradient, hessian = expansion.point, expansion.gradient, expansion.hessian
+        plate_shape = problem.plate_shape
+
+        def control(x: Tensor, lead: int) -> Tensor:
+            lead_shape = x.shape[:lead]
+            delta = x.reshape(*lead_shape, -1).to(point.dtype) - point
+            terms = delta * gradient + 0.5 * delta * (delta @ hessian)
+            if plate_shape:
+                return terms.reshape(*lead_shape, *plate_shape, -1).sum(-1) + values
+            return terms.sum(-1) + values.sum()
+
+        return Control(control, expansion.expectation)
 
     @staticmethod
     def expand(f: Callable[[Tensor], Tensor], dist: Distribution) -> QuadraticExpansion:
@@ -241,6 +298,13 @@ class DeltaMethod(ControlVariate):
             ValueError: if autograd cannot differentiate ``f`` twice, or the value, gradient or
                 Hessian is not finite, or the distribution has no usable mean.
         """
+        return DeltaMethod._expand(f, dist)[0]
+
+    @staticmethod
+    def _expand(
+        f: Callable[[Tensor], Tensor], dist: Distribution
+    ) -> tuple[QuadraticExpansion, Tensor]:
+        """The expansion of ``f`` summed, and ``f`` at the point (``(*T,)``, not summed)."""
         shape = dist.batch_shape + dist.event_shape
         # A fresh copy: reading dist.mean could cache lazily derived parameters on dist itself.
         fresh = rebuild(dist, {name: p.detach() for name, p in parameters(dist).items()})
@@ -251,15 +315,16 @@ class DeltaMethod(ControlVariate):
                 "is not finite; use a baseline from gradkit.baselines"
             )
 
-        def total(z: Tensor) -> Tensor:
-            return f(z.reshape(1, *shape)).sum()
+        def total(z: Tensor) -> tuple[Tensor, Tensor]:
+            values = f(z.reshape(1, *shape))[0]
+            return values.sum(), values
 
         def gradient(z: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-            g, value = grad_and_value(total)(z)
-            return g, (g, value)
+            g, (value, values) = grad_and_value(total, has_aux=True)(z)
+            return g, (g, values)
 
         try:  # value, gradient and Hessian in one forward-over-reverse pass
-            hess, (grad_point, value) = jacfwd(gradient, has_aux=True)(point)
+            hess, (grad_point, values) = jacfwd(gradient, has_aux=True)(point)
         except (RuntimeError, TypeError) as error:
             raise ValueError(
                 "the delta method needs f to be twice differentiable in x by torch autograd "
@@ -267,59 +332,12 @@ class DeltaMethod(ControlVariate):
                 f"broadcasting over a leading sample dimension); differentiating f failed: "
                 f"{error}. Use a baseline from gradkit.baselines for such f"
             ) from error
-        value, grad_point, hess = value.detach(), grad_point.detach(), hess.detach()
-        parts = {"value": value, "gradient": grad_point, "Hessian": hess}
+        values, grad_point, hess = values.detach(), grad_point.detach(), hess.detach()
+        parts = {"value": values, "gradient": grad_point, "Hessian": hess}
         bad = [name for name, part in parts.items() if not bool(torch.isfinite(part).all())]
         if bad:
             raise ValueError(
                 f"the Taylor expansion of f at the mean has non-finite {', '.join(bad)}; f must "
                 "be finite and twice differentiable at dist.mean (e.g. no log at 0 there)"
             )
-        return QuadraticExpansion(point, value, grad_point, hess, shape)
-
-    def adjust(
-        self,
-        f: Callable[[Tensor], Tensor],
-        dist: Distribution,
-        x: Tensor,
-        signal: Tensor,
-        scores: Mapping[str, Tensor],
-        estimates: dict[str, Tensor],
-    ) -> dict[str, Tensor]:
-        """Subtract :math:`\\beta h_s` from each per-sample estimate (see the class docstring).
-
-        Raises:
-            ValueError: for a per-batch-element signal, too few samples to estimate the
-                coefficient, or an ``f`` the expansion cannot handle.
-            TypeError: for integer-valued samples.
-        """
-        if signal.dim() != 1:
-            raise ValueError(
-                f"the delta method works on one summed learning signal of shape (S,), got "
-                f"one per batch element, shape {tuple(signal.shape)}; return f(x) summed "
-                "over the batch, shape (S,), or use a baseline from gradkit.baselines"
-            )
-        if not x.is_floating_point():
-            raise TypeError(
-                f"the delta method expands f in x, but {type(dist).__name__} draws "
-                f"{x.dtype} samples; use it for real-valued samples (Bernoulli is fine), or a "
-                "baseline from gradkit.baselines"
-            )
-        num_samples = x.shape[0]
-        if self.coefficient is None and num_samples < 3:
-            raise ValueError(
-                f"the delta method estimates its coefficient from the other samples and needs "
-                f"at least 3 samples, got num_samples={num_samples}; draw more samples or fix "
-                "it, e.g. DeltaMethod(coefficient=1.0)"
-            )
-        expansion = self.expand(f, dist)
-        params = {name: p.detach() for name, p in parameters(dist).items()}
-        expected = grad(lambda p: expansion.expectation(rebuild(dist, p)))(params)
-        surrogate = expansion(x.detach()).to(signal.dtype)
-        out = {}
-        for name, s in scores.items():
-            h = surrogate.reshape(-1, *([1] * (s.dim() - 1))) * s - expected[name]
-            g = estimates[name]
-            beta = _loo_coefficient(g, h) if self.coefficient is None else self.coefficient
-            out[name] = g - beta * h
-        return out
+        return QuadraticExpansion(point, values.sum(), grad_point, hess, shape), values

@@ -36,17 +36,19 @@ import torch
 from torch import Tensor
 from torch.distributions import Categorical, Distribution
 
-from gradkit import _checks, estimators
-from gradkit.baselines import Baseline, Constant
+from gradkit import _checks
+from gradkit.baselines import Baseline
 from gradkit.diagnostics import gradient_variance
 from gradkit.distributions import parameters
-from gradkit.estimators import align, is_plate, score
+from gradkit.estimators import ScoreFunction
+from gradkit.registry import ESTIMATORS, Problem, register_estimator
 
 __all__ = [
+    "RaoBlackwell",
     "UnbiasednessCheck",
     "check_unbiased",
     "exact_gradient",
-    "score_function",
+    "sum_and_sample",
     "variance_sweep",
 ]
 
@@ -74,28 +76,131 @@ def _check_num_summed(num_summed: object, categories: int) -> int:
     return num_summed
 
 
-def _signal(dist: Distribution, fx: Tensor) -> Tensor:
-    """The learning signal ``(S, *B)``: one cost per batch element, or the only cost."""
-    if len(dist.batch_shape) == 0:
-        return fx.reshape(fx.shape[0], -1).sum(-1)
-    if is_plate(dist, fx):
-        return fx
-    raise ValueError(
-        f"the Rao-Blackwellised estimator needs f to return one value per sample for a single "
-        f"categorical, or one value per batch element, shape (S, "
-        f"{', '.join(map(str, dist.batch_shape))}), for independent categoricals (a plate); "
-        f"got {tuple(fx.shape)}. Summing categories of coupled variables would need every "
-        "combination: use gk.score_function for a cost that couples the batch"
-    )
+def _check_plate(dist: Distribution, plate: bool) -> None:
+    if len(dist.batch_shape) and not plate:
+        raise ValueError(
+            f"the Rao-Blackwellised estimator sums the categories of each categorical on its "
+            f"own, which needs independent costs: for a batch of categoricals, batch_shape "
+            f"{tuple(dist.batch_shape)}, declare plate=True (f returns one cost per batch "
+            "element, element b depending only on z[:, b]). Summing categories of coupled "
+            "variables would need every combination: use gk.score_function for a cost that "
+            "couples the batch"
+        )
 
 
-def score_function(
+class _Split(NamedTuple):
+    top: Tensor  # (k, *B): the j-th most probable category of every categorical
+    top_probs: Tensor  # (k, *B)
+    rest: Tensor  # (*B,): the mass left to sample
+    complement: Categorical  # q(z | z not in C)
+
+
+def _split(dist: Categorical, k: int) -> _Split:
+    probs = dist.probs.detach()
+    top_probs, top = probs.topk(k, dim=-1)  # (*B, k)
+    in_top = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, top, True)
+    rest = (probs * ~in_top).sum(-1)  # exactly zero when nothing is left to sample
+    logits = dist.logits.detach().masked_fill(in_top, float("-inf"))
+    empty = ~torch.isfinite(logits).any(-1, keepdim=True)
+    logits = torch.where(empty, dist.logits.detach(), logits)  # weight `rest` is 0 there
+    complement = Categorical(logits=logits, validate_args=False)
+    return _Split(top.movedim(-1, 0), top_probs.movedim(-1, 0), rest, complement)
+
+
+@register_estimator("rao_blackwell", families=(Categorical,))
+class RaoBlackwell(ScoreFunction):
+    r"""Sum and sample: the ``num_summed`` most probable categories exactly, the rest sampled.
+
+    Rows, one per sample :math:`\tilde z_s \sim q(z \mid z \notin C)`:
+
+    .. math::
+        \sum_{c\in C} q(c)\,(f(c) - b_s)\,s(c) + (1 - q(C))\,(f(\tilde z_s) - b_s)\,
+        s(\tilde z_s)
+
+    (Liu et al. 2019). Its value in :func:`gradkit.expectation` is the matching estimate
+    :math:`\sum_{c\in C} q(c) f(c) + (1 - q(C))\,\overline{f(\tilde z)}`, with ``f``
+    evaluated with gradients on at the summed categories too.
+    """
+
+    families = (Categorical,)
+
+    def check(self, problem: Problem, *, num_summed: int = 1, baseline: Any = None) -> None:
+        dist = _check_dist(problem.dist)
+        _check_num_summed(num_summed, dist.probs.shape[-1])
+        _check_plate(dist, problem.plate)
+        super().check(problem)
+
+    def _split(self, problem: Problem) -> _Split:
+        cached = getattr(problem, "_rao_blackwell_split", None)
+        if cached is None:
+            dist = _check_dist(problem.dist)
+            cached = _split(dist, problem.options.get("num_summed", 1))
+            problem._rao_blackwell_split = cached  # type: ignore[attr-defined]
+        return cached
+
+    def sample(self, problem: Problem) -> Tensor:
+        with problem.forward_randomness():
+            return self._split(problem).complement.sample((problem.num_samples,))
+
+    def value(self, problem: Problem, fx: Tensor) -> Tensor:
+        split = self._split(problem)
+        tail = fx.dim() - 1 - split.rest.dim()
+        rest = split.rest.reshape(*split.rest.shape, *([1] * tail))
+        value = rest * fx.mean(0)
+        if split.top.shape[0]:
+            f_top = problem.evaluate(split.top)  # (k, *T), with f's own gradients
+            q_top = split.top_probs.reshape(*split.top_probs.shape, *([1] * tail))
+            value = value + (q_top * f_top).sum(0)
+        return value
+
+    def prepare(self, problem: Problem, *, num_summed: int = 1, baseline: Any = None) -> Any:
+        return super().prepare(problem, baseline=baseline)
+
+    def finish(self, problem: Problem, *, num_summed: int = 1, baseline: Any = None) -> None:
+        super().finish(problem, baseline=baseline)
+
+    def estimate(
+        self, problem: Problem, *, num_summed: int = 1, baseline: Any = None
+    ) -> dict[str, Tensor]:
+        split = self._split(problem)
+        (name,) = problem.names
+        s = problem.scores()[name]
+        b = problem.prepared
+        signal = problem.signal
+        if isinstance(b, dict):
+            b_name = problem.to_signal_units(b[name], name)
+        elif b is None:
+            b_name = torch.zeros_like(problem.broadcast(signal, name))
+        else:
+            b_name = problem.broadcast(problem.to_signal_units(b), name)
+        rest = problem.broadcast(split.rest.expand_as(signal), name)
+        estimate = rest * (problem.broadcast(signal, name) - b_name) * s
+        if split.top.shape[0] > 0:
+            f_top = problem.cost(split.top)  # (k, *plate)
+            s_top = problem.scores(split.top)[name]  # (k, *param.shape)
+            q_top = problem.broadcast(split.top_probs, name)
+            exact = (q_top * problem.broadcast(f_top, name) * s_top).sum(0)
+            weight = (q_top * s_top).sum(0)  # sum_c q(c) s(c): what the baseline must cancel
+            estimate = estimate + exact - b_name * weight
+        return {name: estimate}
+
+    def mean_gradient(
+        self, problem: Problem, *, num_summed: int = 1, baseline: Any = None
+    ) -> dict[str, Tensor]:
+        rows = self.estimate(problem, num_summed=num_summed, baseline=baseline)
+        return {n: v.mean(0) for n, v in rows.items()}
+
+
+def sum_and_sample(
     f: CostFn,
     dist: Distribution,
     num_samples: int,
     *,
     num_summed: int = 1,
     baseline: Any = None,
+    control_variate: Any = None,
+    plate: bool = False,
+    generator: torch.Generator | None = None,
 ) -> dict[str, Tensor]:
     r"""Sum-and-sample (Rao-Blackwellised) score-function estimates for a categorical.
 
@@ -112,16 +217,19 @@ def score_function(
     from the sampled costs :math:`f(\tilde z)`) must enter both terms: the scores of
     :math:`C` alone do not average to zero. ``num_summed=0`` is the plain score-function
     estimator; ``num_summed=K`` is exact (zero variance). Each estimate costs ``num_summed``
-    evaluations of ``f`` shared by all samples, plus one per sample.
+    evaluations of ``f`` shared by all samples, plus one per sample. Registered as
+    ``"rao_blackwell"`` for :func:`gradkit.expectation`.
 
     Args:
-        f: cost, samples ``(S, *batch_shape)`` (category indices) -> ``(S,)`` for a single
-            categorical or ``(S, *batch_shape)`` for independent ones (one cost each).
+        f: cost, samples ``(S, *batch_shape)`` (category indices) -> ``(S, *T)`` for a single
+            categorical or ``(S, *batch_shape)`` under a declared plate.
         dist: a ``torch.distributions.Categorical``, built from ``probs`` or ``logits``.
         num_samples: samples of the remaining categories per estimate (>= 1).
         num_summed: number of most probable categories summed exactly, ``0 <= k <= K``.
-        baseline: as for :func:`gradkit.estimators.score_function`: ``None``, a number, or a
-            :class:`gradkit.baselines.Baseline` (``LeaveOneOut`` needs ``num_samples >= 2``).
+        baseline: as for :func:`gradkit.estimators.score_function`.
+        control_variate: a :class:`gradkit.control_variates.ControlVariate`.
+        plate: declare one cost per categorical (needed for a batch of categoricals).
+        generator: a ``torch.Generator`` for all of the call's randomness.
 
     Returns:
         dict with the parameter name (``probs`` or ``logits``) -> per-sample estimates of
@@ -129,69 +237,43 @@ def score_function(
 
     Raises:
         TypeError: for a distribution other than ``Categorical``, or a non-int argument.
-        ValueError: for ``num_summed`` outside ``[0, K]``, a bad ``num_samples``, or a cost
-            that couples several categoricals.
+        ValueError: for ``num_summed`` outside ``[0, K]``, a bad ``num_samples``, or a batch
+            of categoricals without a declared plate.
 
     Example:
         >>> import torch, gradkit as gk
         >>> q = torch.distributions.Categorical(logits=torch.tensor([0.7, 0.2, 0.1]).log())
-        >>> g = gk.rao_blackwell.score_function(lambda z: z.float() ** 2, q, 4, num_summed=3)
+        >>> g = gk.rao_blackwell.sum_and_sample(lambda z: z.float() ** 2, q, 4, num_summed=3)
         >>> g["logits"][0]  # everything summed: the exact q(z) (f(z) - E f), every sample
         tensor([-0.4200,  0.0800,  0.3400])
     """
-    dist = _check_dist(dist)
-    _checks.check_num_samples(num_samples)
-    (name,) = parameters(dist)
-    probs = dist.probs.detach()
-    k = _check_num_summed(num_summed, probs.shape[-1])
-    batch_ndim = len(dist.batch_shape)
-
-    top_probs, top = probs.topk(k, dim=-1)  # (*B, k)
-    in_top = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, top, True)
-    rest = (probs * ~in_top).sum(-1)  # (*B,): exactly zero when nothing is left to sample
-    logits = dist.logits.detach().masked_fill(in_top, float("-inf"))
-    empty = ~torch.isfinite(logits).any(-1, keepdim=True)
-    logits = torch.where(empty, dist.logits.detach(), logits)  # weight `rest` is 0 there
-    with torch.no_grad():
-        z = Categorical(logits=logits, validate_args=False).sample((num_samples,))
-        signal = _signal(dist, _checks.evaluate(f, z, (num_samples,)))
-    scores = score(dist, z)
-    b: Tensor | dict[str, Tensor] = torch.zeros_like(signal)
-    if baseline is not None:
-        if not isinstance(baseline, Baseline):
-            baseline = Constant(baseline)
-        b = baseline(signal, scores)
-    b_name = b[name] if isinstance(b, dict) else align(b, scores[name], batch_ndim)
-    s = scores[name]
-    estimate = (
-        align(rest.expand_as(signal), s, batch_ndim) * (align(signal, s, batch_ndim) - b_name) * s
+    return ESTIMATORS["rao_blackwell"](
+        f,
+        dist,
+        num_samples,
+        num_summed=num_summed,
+        baseline=baseline,
+        control_variate=control_variate,
+        plate=plate,
+        generator=generator,
     )
-    if k > 0:
-        summed = top.movedim(-1, 0)  # (k, *B): the j-th most probable category everywhere
-        with torch.no_grad():
-            f_top = _signal(dist, _checks.evaluate(f, summed, (k,)))
-        s_top = score(dist, summed)[name]  # (k, *param.shape)
-        q_top = align(top_probs.movedim(-1, 0), s_top, batch_ndim)
-        exact = (q_top * align(f_top, s_top, batch_ndim) * s_top).sum(0)
-        weight = (q_top * s_top).sum(0)  # sum_c q(c) s(c): what the baseline must cancel
-        estimate = estimate + exact - b_name * weight
-    return {name: estimate}
 
 
-def exact_gradient(f: CostFn, dist: Distribution) -> dict[str, Tensor]:
+def exact_gradient(f: CostFn, dist: Distribution, *, plate: bool = False) -> dict[str, Tensor]:
     r"""The exact gradient of :math:`\mathbb{E}_{q_\theta}[f(z)]` by enumerating the categories.
 
     .. math:: \eta = \nabla_\theta \sum_{z=1}^{K} q_\theta(z)\, f(z),
 
-    summed over the batch elements for independent categoricals (a plate), with :math:`\theta`
+    summed over the batch elements for independent categoricals (``plate=True``), with :math:`\theta`
     the distribution's own parameter (``probs`` or ``logits``). ``f`` is called once, on a
     ``(K, *batch_shape)`` tensor whose row :math:`j` holds category :math:`j` in every batch
     element; autograd differentiates the enumerated sum. This is the reference against which
     sum-and-sample estimators are tested (Liu et al. 2019, ``liu2019rao``).
 
     Args:
-        f: cost, as for :func:`score_function`.
+        f: cost, as for :func:`sum_and_sample`.
         dist: a ``torch.distributions.Categorical``.
+        plate: declare one cost per categorical (needed for a batch of categoricals).
 
     Returns:
         dict with the parameter name -> the exact gradient, shaped like the parameter.
@@ -207,6 +289,7 @@ def exact_gradient(f: CostFn, dist: Distribution) -> dict[str, Tensor]:
         {'probs': tensor([-0.7500,  0.2500])}
     """
     dist = _check_dist(dist)
+    _check_plate(dist, plate)
     (name,) = parameters(dist)
     leaf = getattr(dist, name).detach().clone().requires_grad_()
     q = Categorical(**{name: leaf}, validate_args=False)
@@ -216,7 +299,15 @@ def exact_gradient(f: CostFn, dist: Distribution) -> dict[str, Tensor]:
         categories, *dist.batch_shape
     )
     with torch.no_grad():
-        values = _signal(dist, _checks.evaluate(f, index, (categories,)))  # (K, *B) or (K,)
+        values = _checks.evaluate(f, index, (categories,))
+        if not plate:
+            values = values.reshape(categories, -1).sum(-1)
+        elif tuple(values.shape[1:]) != tuple(dist.batch_shape):
+            raise ValueError(
+                f"plate=True declares one cost per categorical, shape (K, "
+                f"{', '.join(map(str, dist.batch_shape))}), but f returned "
+                f"{tuple(values.shape)}"
+            )
     (grad,) = torch.autograd.grad((q.probs * values.movedim(0, -1)).sum(), leaf)
     return {name: grad}
 
@@ -231,11 +322,12 @@ def variance_sweep(
     num_summed: Iterable[int],
     *,
     baselines: Mapping[str, Any] | None = None,
+    plate: bool = False,
 ) -> list[dict[str, float]]:
     r"""How the variance of the sum-and-sample estimate falls as more categories are summed.
 
     For each :math:`k` in ``num_summed`` it draws ``num_samples`` estimates with
-    :func:`score_function` (``num_summed=k``) for every baseline and reports the total variance
+    :func:`sum_and_sample` (``num_summed=k``) for every baseline and reports the total variance
     of one estimate, :math:`\operatorname{tr}\Sigma_k = \sum_j \mathrm{Var}\,\hat g_j`
     (:func:`gradkit.diagnostics.gradient_variance`), next to the plain score-function
     estimator at the same budget of evaluations of ``f`` (:math:`k` summed plus one sampled),
@@ -244,11 +336,11 @@ def variance_sweep(
     stateful baseline carries its state from one :math:`k` to the next.
 
     Args:
-        f: cost, as for :func:`score_function`.
+        f: cost, as for :func:`sum_and_sample`.
         dist: a ``torch.distributions.Categorical``.
         num_samples: estimates per variance (``>= 2``).
         num_summed: the values of :math:`k`, each in ``[0, K]``.
-        baselines: column label -> baseline option of :func:`score_function` (``None``, a
+        baselines: column label -> baseline option of :func:`sum_and_sample` (``None``, a
             number or a :class:`~gradkit.baselines.Baseline`); default
             ``{"Rao-Blackwellised": None}``.
 
@@ -260,7 +352,7 @@ def variance_sweep(
     Raises:
         TypeError: for a distribution other than ``Categorical``.
         ValueError: for ``num_samples < 2``, no values of :math:`k`, no baselines, a label
-            that repeats a fixed column name, or anything :func:`score_function` refuses.
+            that repeats a fixed column name, or anything :func:`sum_and_sample` refuses.
 
     Example:
         >>> import torch, gradkit as gk
@@ -284,14 +376,17 @@ def variance_sweep(
     if clash:
         raise ValueError(f"baseline labels {clash} clash with the columns {list(_SWEEP_COLUMNS)}")
     probs = dist.probs.detach()
-    plain = gradient_variance(estimators.score_function(f, dist, num_samples)).item()
+    plain_rows = ESTIMATORS["score_function"](f, dist, num_samples, plate=plate)
+    plain = gradient_variance(plain_rows).item()
     records = []
     for k in ks:
         k = _check_num_summed(k, probs.shape[-1])
         record: dict[str, float] = {"k": k}
         record["top-k mass"] = probs.topk(k, dim=-1).values.sum(-1).mean().item()
         for label, baseline in baselines.items():
-            g = score_function(f, dist, num_samples, num_summed=k, baseline=baseline)
+            g = sum_and_sample(
+                f, dist, num_samples, num_summed=k, baseline=baseline, plate=plate
+            )
             record[label] = gradient_variance(g).item()
         record["plain, k + 1 samples"] = plain / (k + 1)
         records.append(record)
@@ -329,11 +424,12 @@ def check_unbiased(
     *,
     num_summed: int = 1,
     baseline: Any = None,
+    plate: bool = False,
 ) -> UnbiasednessCheck:
     r"""Compare the mean of ``num_samples`` sum-and-sample estimates with the exact gradient.
 
     With :math:`\bar g` the mean of the :math:`n` per-sample estimates of
-    :func:`score_function`, :math:`\hat\Sigma` their sample covariance and :math:`\eta` from
+    :func:`sum_and_sample`, :math:`\hat\Sigma` their sample covariance and :math:`\eta` from
     :func:`exact_gradient`, an unbiased estimator has
     :math:`\mathbb{E}\lVert \bar g - \eta \rVert^2 = \operatorname{tr}\Sigma / n`, so
 
@@ -349,18 +445,18 @@ def check_unbiased(
     gradient makes this the enumeration check of Liu et al. (2019, ``liu2019rao``).
 
     Args:
-        f: cost, as for :func:`score_function`.
+        f: cost, as for :func:`sum_and_sample`.
         dist: a ``torch.distributions.Categorical``.
         num_samples: estimates ``n >= 2``.
-        num_summed: categories summed exactly, as for :func:`score_function`.
-        baseline: as for :func:`score_function`.
+        num_summed: categories summed exactly, as for :func:`sum_and_sample`.
+        baseline: as for :func:`sum_and_sample`.
 
     Returns:
         an :class:`UnbiasednessCheck` of Python floats.
 
     Raises:
         TypeError: for a distribution other than ``Categorical``.
-        ValueError: for ``num_samples < 2`` or anything :func:`score_function` refuses.
+        ValueError: for ``num_samples < 2`` or anything :func:`sum_and_sample` refuses.
 
     Example:
         >>> import torch, gradkit as gk
@@ -370,9 +466,12 @@ def check_unbiased(
         True
     """
     _checks.check_num_samples(num_samples, 2, "a variance needs two estimates")
-    exact = exact_gradient(f, dist)
+    exact = exact_gradient(f, dist, plate=plate)
     (name,) = exact
-    g = score_function(f, dist, num_samples, num_summed=num_summed, baseline=baseline)[name]
+    rows = sum_and_sample(
+        f, dist, num_samples, num_summed=num_summed, baseline=baseline, plate=plate
+    )
+    g = rows[name]
     error = (g.mean(0) - exact[name]).norm().item()
     expected = math.sqrt(gradient_variance(g).item() / num_samples)
     if expected > 0:

@@ -43,10 +43,14 @@ from torch.distributions import (
     Categorical,
     Distribution,
     Gamma,
+    OneHotCategorical,
 )
 
 from gradkit import _checks
-from gradkit.distributions import base_distribution, parameters, rebuild
+from gradkit._engine import gradients, resolve
+from gradkit.distributions import base_distribution
+from gradkit.estimators import PathwiseEstimator
+from gradkit.registry import ESTIMATORS, Problem, register_estimator
 
 __all__ = [
     "beta_cdf",
@@ -478,25 +482,49 @@ def implicit_derivative(dist: Distribution, value: Tensor) -> dict[str, Tensor]:
         [[1.0, 1.0], [0.0, 2.0]]
     """
     _univariate_base(dist)
-    params = parameters(dist)
+    resolved = resolve(dist)
     value = torch.as_tensor(value).detach()
-    value = torch.broadcast_tensors(value, *params.values())[0]
-    shape = value.shape
-    with torch.enable_grad():
-        copies = {
-            name: p.detach().expand(shape).clone().requires_grad_() for name, p in params.items()
-        }
-        base, _ = base_distribution(rebuild(dist, copies))
-        cdf = differentiable_cdf(base, value)
-        names = list(copies)
-        grads = torch.autograd.grad(
-            cdf.sum(), [copies[n] for n in names], allow_unused=True, materialize_grads=True
-        )
-        density = base.log_prob(value).detach().exp().clamp_min(torch.finfo(value.dtype).tiny)
-    return {n: -g / density for n, g in zip(names, grads, strict=True)}
+    value = torch.broadcast_tensors(value, *resolved.params.values())[0]
+    lead = value.dim() - len(resolved.batch_shape) - len(resolved.event_shape)
+    rows = math.prod(value.shape[:lead])
+    flat = value.reshape(rows, *value.shape[lead:])
+
+    def cdf(rebuilt: Distribution) -> Tensor:
+        return differentiable_cdf(base_distribution(rebuilt)[0], flat)
+
+    grads = gradients(resolved, cdf, list(resolved.params), rows)
+    base = base_distribution(dist)[0]
+    density = base.log_prob(value).detach().exp().clamp_min(torch.finfo(value.dtype).tiny)
+    return {n: -g.reshape(value.shape) / density for n, g in grads.items()}
 
 
-def implicit_pathwise(f: CostFn, dist: Distribution, num_samples: int) -> dict[str, Tensor]:
+@register_estimator("implicit_pathwise")
+class ImplicitPathwise(PathwiseEstimator):
+    r"""Pathwise gradients through implicit reparameterisation (Figurnov et al. 2018).
+
+    The path is :func:`implicit_rsample`: the sample's value, differentiated as the inverse-CDF
+    path :math:`\partial x/\partial\theta = -\partial_\theta F(x;\theta)/p(x;\theta)`.
+    """
+
+    def check(self, problem: Problem, **options: Any) -> None:
+        _univariate_base(problem.dist)
+
+    def path(self, dist: Distribution, sample_shape: tuple[int, ...], **options: Any) -> Tensor:
+        base = _univariate_base(dist)
+        with torch.no_grad():
+            x = dist.sample(torch.Size(sample_shape))
+        return _implicit_surrogate(base, x)
+
+
+def implicit_pathwise(
+    f: CostFn,
+    dist: Distribution,
+    num_samples: int,
+    *,
+    control_variate: Any = None,
+    plate: bool = False,
+    generator: torch.Generator | None = None,
+) -> dict[str, Tensor]:
     r"""Pathwise gradient estimates through implicit reparameterisation.
 
     Approximates :math:`\nabla_\theta \mathbb{E}_{p(x;\theta)}[f(x)]` with
@@ -504,11 +532,15 @@ def implicit_pathwise(f: CostFn, dist: Distribution, num_samples: int) -> dict[s
     -\partial_\theta F(x;\theta)/p(x;\theta)` (Figurnov et al. 2018): the estimator of
     :func:`gradkit.estimators.pathwise` for any scalar distribution with a differentiable CDF,
     whether or not torch gives it an ``rsample``. Requires ``f`` differentiable and continuous.
+    Registered as ``"implicit_pathwise"``.
 
     Args:
         f: differentiable cost, samples ``(S, *batch)`` -> values ``(S, *T)``.
         dist: a distribution with scalar events and a differentiable CDF.
         num_samples: number of samples ``S`` (>= 1).
+        control_variate: a :class:`gradkit.control_variates.ControlVariate`.
+        plate: declare one cost per batch element (checked; the estimate is the same).
+        generator: a ``torch.Generator`` for all of the call's randomness.
 
     Returns:
         dict parameter name -> per-sample estimates of shape ``(S, *param.shape)``.
@@ -519,30 +551,15 @@ def implicit_pathwise(f: CostFn, dist: Distribution, num_samples: int) -> dict[s
 
     Example:
         >>> import torch, gradkit as gk
-        >>> _ = torch.manual_seed(0)
         >>> d = torch.distributions.Gamma(torch.tensor(2.0), torch.tensor(1.0))
-        >>> g = gk.reparam.implicit_pathwise(lambda x: x, d, 4000)  # dE[x]/dalpha = 1/rate
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> g = gk.reparam.implicit_pathwise(lambda x: x, d, 4000, generator=gen)  # 1/rate
         >>> round(g["concentration"].mean().item(), 1)
         1.0
     """
-    _univariate_base(dist)
-    _checks.check_num_samples(num_samples)
-    params = parameters(dist)
-    with torch.enable_grad():
-        copies = {
-            name: p.detach().expand(num_samples, *p.shape).clone().requires_grad_()
-            for name, p in params.items()
-        }
-        rebuilt = rebuild(dist, copies)
-        x = _implicit_surrogate(base_distribution(rebuilt)[0], rebuilt.sample())
-        fx = _checks.evaluate(f, x, (num_samples,))
-        names = list(copies)
-        if not fx.requires_grad:  # f ignores x (or is piecewise constant): zero gradient
-            return {n: torch.zeros_like(copies[n]) for n in names}
-        grads = torch.autograd.grad(
-            fx.sum(), [copies[n] for n in names], allow_unused=True, materialize_grads=True
-        )
-    return {n: g.detach() for n, g in zip(names, grads, strict=True)}
+    return ESTIMATORS["implicit_pathwise"](
+        f, dist, num_samples, control_variate=control_variate, plate=plate, generator=generator
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -666,23 +683,86 @@ def gumbel_softmax_sample(
     return hard + (soft - soft.detach())
 
 
-def _binary_concrete(logits: Tensor, tau: float | Tensor, straight_through: bool) -> Tensor:
+def _binary_concrete(
+    logits: Tensor, tau: float | Tensor, straight_through: bool, sample_shape: Sequence[int] = ()
+) -> Tensor:
     """Relaxed Bernoulli: :math:`\\sigma((\\ell + \\log u - \\log(1-u))/\\tau)`."""
     tiny = torch.finfo(logits.dtype).tiny
-    u = torch.rand_like(logits).clamp(tiny, 1.0 - torch.finfo(logits.dtype).eps)
+    shape = torch.Size(sample_shape) + logits.shape
+    u = torch.rand(shape, dtype=logits.dtype, device=logits.device)
+    u = u.clamp(tiny, 1.0 - torch.finfo(logits.dtype).eps)
     soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / tau)
     if not straight_through:
         return soft
     return (soft > 0.5).to(soft.dtype) + (soft - soft.detach())
 
 
+class _Relaxed(PathwiseEstimator):
+    """Shared by the Gumbel-softmax estimators: the relaxed path, biased by design."""
+
+    families = (Categorical, OneHotCategorical, Bernoulli)
+    biased = True
+    straight_through = False
+
+    def check(self, problem: Problem, *, temperature: float | Tensor = 1.0) -> None:
+        base = problem.resolved.base
+        if not isinstance(base, (Categorical, OneHotCategorical, Bernoulli)):
+            raise ValueError(
+                f"the {self.name} estimator relaxes Categorical, OneHotCategorical and "
+                f"Bernoulli variables, got {type(base).__name__}; for continuous "
+                "distributions use gk.pathwise or estimator='implicit_pathwise'"
+            )
+        _check_temperature(temperature)
+
+    def path(
+        self,
+        dist: Distribution,
+        sample_shape: tuple[int, ...],
+        *,
+        temperature: float | Tensor = 1.0,
+    ) -> Tensor:
+        tau = _check_temperature(temperature)
+        base = cast("Categorical | OneHotCategorical | Bernoulli", base_distribution(dist)[0])
+        if isinstance(base, Bernoulli):
+            return _binary_concrete(base.logits, tau, self.straight_through, sample_shape)
+        return gumbel_softmax_sample(
+            base.logits, tau, sample_shape, straight_through=self.straight_through
+        )
+
+    def estimate(
+        self, problem: Problem, *, temperature: float | Tensor = 1.0
+    ) -> dict[str, Tensor]:
+        return super().estimate(problem, temperature=temperature)
+
+
+@register_estimator("gumbel_softmax")
+class GumbelSoftmax(_Relaxed):
+    r"""The Gumbel-softmax (Concrete) estimator: ``f`` at relaxed samples, differentiated.
+
+    Biased for every temperature (Jang, Gu and Poole 2017; Maddison, Mnih and Teh 2017).
+    """
+
+
+@register_estimator("straight_through_gumbel")
+class StraightThroughGumbel(_Relaxed):
+    r"""Straight-through Gumbel-softmax: ``f`` at the hard sample, the relaxed gradient.
+
+    Biased by design (Jang, Gu and Poole 2017).
+    """
+
+    straight_through = True
+
+
 def gumbel_softmax(
     f: CostFn,
     dist: Distribution,
     num_samples: int,
-    temperature: float | Tensor,
+    temperature: float | Tensor = 1.0,
     *,
     straight_through: bool = False,
+    control_variate: Any = None,
+    plate: bool = False,
+    generator: torch.Generator | None = None,
 ) -> dict[str, Tensor]:
     r"""Relaxed (Gumbel-softmax / Concrete) pathwise gradient estimates for discrete variables.
 
@@ -693,16 +773,21 @@ def gumbel_softmax(
     Mnih and Teh 2017). ``f`` must be defined (and differentiable) on the relaxed values, not
     only on one-hot vectors. The estimator is **biased** for every :math:`\tau > 0`: the bias
     vanishes as :math:`\tau \to 0` while the variance grows. ``straight_through=True``
-    evaluates ``f`` at the hard sample and keeps the soft gradient (also biased).
+    evaluates ``f`` at the hard sample and keeps the soft gradient (also biased). Registered
+    as ``"gumbel_softmax"`` and ``"straight_through_gumbel"`` (option ``temperature``).
 
     Args:
         f: cost on relaxed samples: ``(S, *batch, K)`` (categorical; one-hot coordinates) or
             ``(S, *batch)`` (Bernoulli) -> ``(S, *T)``.
-        dist: ``Categorical`` (``f`` still receives relaxed one-hot vectors) or ``Bernoulli``
-            (``Independent`` wrappers allowed), built from ``probs`` or ``logits``.
+        dist: ``Categorical`` or ``OneHotCategorical`` (``f`` receives relaxed one-hot vectors
+            either way) or ``Bernoulli`` (``Independent`` wrappers allowed), built from
+            ``probs`` or ``logits``.
         num_samples: number of samples ``S`` (>= 1).
         temperature: :math:`\tau > 0`.
         straight_through: use the straight-through variant.
+        control_variate: a :class:`gradkit.control_variates.ControlVariate`.
+        plate: declare one cost per batch element.
+        generator: a ``torch.Generator`` for all of the call's randomness.
 
     Returns:
         dict parameter name (``probs`` or ``logits``) -> per-sample estimates
@@ -714,43 +799,22 @@ def gumbel_softmax(
 
     Example:
         >>> import torch, gradkit as gk
-        >>> _ = torch.manual_seed(0)
         >>> d = torch.distributions.Bernoulli(logits=torch.tensor(0.0))
-        >>> g = gk.reparam.gumbel_softmax(lambda y: y, d, 20_000, 0.1)  # exact: 0.25
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> g = gk.reparam.gumbel_softmax(lambda y: y, d, 20_000, 0.1, generator=gen)  # 0.25
         >>> round(g["logits"].mean().item(), 2)
         0.25
     """
-    _checks.check_distribution(dist)
-    _checks.check_num_samples(num_samples)
-    tau = _check_temperature(temperature)
-    base, _ = base_distribution(dist)
-    if not isinstance(base, (Categorical, Bernoulli)):
-        raise ValueError(
-            f"gumbel_softmax relaxes Categorical and Bernoulli variables, got "
-            f"{type(base).__name__}; for one-hot variables build Categorical(probs=...) (f "
-            "receives relaxed one-hot vectors either way); for continuous distributions use "
-            "gk.pathwise or gk.reparam.implicit_pathwise"
-        )
-    params = parameters(dist)
-    with torch.enable_grad():
-        copies = {
-            name: p.detach().expand(num_samples, *p.shape).clone().requires_grad_()
-            for name, p in params.items()
-        }
-        # rebuild keeps the class, so the rebuilt base is a Categorical or Bernoulli like base.
-        rebuilt = cast("Categorical | Bernoulli", base_distribution(rebuild(dist, copies))[0])
-        if isinstance(base, Bernoulli):
-            y = _binary_concrete(rebuilt.logits, tau, straight_through)
-        else:
-            y = gumbel_softmax_sample(rebuilt.logits, tau, straight_through=straight_through)
-        fx = _checks.evaluate(f, y, (num_samples,))
-        names = list(copies)
-        if not fx.requires_grad:
-            return {n: torch.zeros_like(copies[n]) for n in names}
-        grads = torch.autograd.grad(
-            fx.sum(), [copies[n] for n in names], allow_unused=True, materialize_grads=True
-        )
-    return {n: g.detach() for n, g in zip(names, grads, strict=True)}
+    name = "straight_through_gumbel" if straight_through else "gumbel_softmax"
+    return ESTIMATORS[name](
+        f,
+        dist,
+        num_samples,
+        temperature=temperature,
+        control_variate=control_variate,
+        plate=plate,
+        generator=generator,
+    )
 
 
 def categorical_gradient(f: CostFn, logits: Tensor) -> Tensor:

@@ -24,24 +24,25 @@ Baselines :math:`b_w` enter as :math:`\sum_w (1 - \square(\log p(w)))\, b_w`, wh
 zero and mean-zero gradient (Mao et al. 2019).
 
 :class:`StochasticComputationGraph` records the nodes as a model samples them and builds
-:math:`L_\square`; :func:`per_sample_gradients` gives each sample's own gradient of such a
+:math:`L_\square`; :func:`per_sample_estimates` gives each sample's own gradient of such a
 surrogate (to measure variance) in one backward pass.
 """
 
 from __future__ import annotations
 
-import functools
-import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
 from gradkit import _checks
+from gradkit._engine import leaf_gradients
+from gradkit.baselines import Baseline
 
-__all__ = ["StochasticComputationGraph", "magic_box", "per_sample_gradients"]
+__all__ = ["StochasticComputationGraph", "magic_box", "per_sample_estimates"]
 
 
 def magic_box(tau: Tensor) -> Tensor:
@@ -179,33 +180,52 @@ class StochasticComputationGraph:
             log_prob = log_prob.sum(dim=tuple(range(len(shape), log_prob.dim())))
         return log_prob
 
-    def surrogate(self, *, baselines: Mapping[str, Tensor] | None = None) -> Tensor:
-        r"""The DiCE surrogate :math:`L_\square`, one value per sample (and plate element).
+    def surrogate(self, *, baselines: Mapping[str, Any] | None = None) -> Tensor:
+        r"""The DiCE surrogate :math:`L_\square`, one value per sample.
 
         Its value equals the summed costs; the gradient of its mean over samples is an
         unbiased estimate of the gradient of the expected total cost, combining pathwise
         derivatives (through reparameterised nodes) and score-function terms (for the rest).
+        Costs may have different shapes, one per sample ``(S,)`` beside one per plate element
+        ``(S, B)``: the sample shape is the shortest cost shape, which every other cost's shape
+        must start with, and each cost term is summed over its dimensions past it.
 
         Args:
             baselines: optional ``{node name: b}``; each adds
-                :math:`(1 - \square(\log p(w)))\,\bot b` (value 0). ``b`` must not depend on
-                the node's own sample or anything downstream of it (for example the mean cost
-                of other samples, or a moving average).
+                :math:`(1 - \square(\log p(w)))\,\bot b` (value 0). ``b`` is a tensor that
+                does not depend on the node's own sample or anything downstream of it, or a
+                :class:`gradkit.baselines.Baseline` (``LeaveOneOut()``,
+                ``ExponentialMovingAverage()``), computed from the costs downstream of the node
+                per sample and, if stateful, updated after use.
 
         Returns:
-            the surrogate, shaped like the costs (broadcast together).
+            the surrogate, shaped like the sample shape.
 
         Raises:
-            ValueError: if no cost was added, or a baseline names an unknown or
-                reparameterised node.
+            ValueError: if no cost was added, costs do not share a leading sample shape, or
+                a baseline names an unknown or reparameterised node.
         """
         if not self.costs:
             raise ValueError("the graph has no cost: call add_cost(value) before surrogate()")
-        terms = []
+        lead = min((cost.shape for cost, _ in self.costs), key=len)
+        for cost, _ in self.costs:
+            if tuple(cost.shape[: len(lead)]) != tuple(lead):
+                shapes = [tuple(c.shape) for c, _ in self.costs]
+                raise ValueError(
+                    f"costs of shapes {shapes} share no leading sample shape: every cost must "
+                    f"start with the shortest one, {tuple(lead)} (one value per sample, then "
+                    "plate dimensions)"
+                )
+
+        def per_sample(t: Tensor) -> Tensor:
+            extra = tuple(range(len(lead), t.dim()))
+            return t.sum(extra) if extra else t
+
+        total: Tensor = torch.zeros(())
         for cost, names in self.costs:
             tau = sum((self._log_prob(n, cost.shape) for n in names), torch.zeros(()))
-            terms.append(magic_box(tau.to(cost)) * cost)
-        total = functools.reduce(operator.add, terms)
+            total = total + per_sample(magic_box(tau.to(cost)) * cost)
+        updates = []
         for name, b in (baselines or {}).items():
             node = self.nodes.get(name)
             if node is None or node.log_prob is None:
@@ -213,12 +233,23 @@ class StochasticComputationGraph:
                     f"baseline for {name!r}: baselines apply to non-reparameterised nodes, "
                     f"which are {[n for n, v in self.nodes.items() if v.log_prob is not None]}"
                 )
-            log_prob = self._log_prob(name, total.shape)
-            total = total + (1.0 - magic_box(log_prob)) * torch.as_tensor(b).detach()
+            if isinstance(b, Baseline):
+                signal = sum(
+                    (per_sample(c.detach()) for c, names in self.costs if name in names),
+                    torch.zeros(lead),
+                )
+                value = b(signal, {})
+                updates.append((b, signal))
+            else:
+                value = torch.as_tensor(b).detach()
+            log_prob = self._log_prob(name, lead)
+            total = total + (1.0 - magic_box(log_prob)) * value
+        for baseline, signal in updates:
+            baseline.update(signal)
         return total
 
 
-def per_sample_gradients(
+def per_sample_estimates(
     objective: Callable[..., Tensor], params: Sequence[Tensor], num_samples: int
 ) -> list[Tensor]:
     r"""Per-sample gradients :math:`\nabla_\theta L_s` of a sampled objective, in one backward pass.
@@ -228,9 +259,9 @@ def per_sample_gradients(
     ``(S,)`` values where value ``s`` uses only copy ``s`` (draw with ``sample_shape=()`` from
     distributions whose batch dimension is the copies' leading dimension). The gradient of the
     summed values with respect to the copies then holds every sample's own gradient: O(S) work,
-    no loop over samples. With a :meth:`StochasticComputationGraph.surrogate` as the objective
-    these are per-sample gradient estimates, whose mean is the estimate and whose spread is its
-    per-sample variance.
+    no loop over samples (the per-sample engine of every gradkit estimator). With a
+    :meth:`StochasticComputationGraph.surrogate` as the objective these are per-sample gradient
+    estimates, whose mean is the estimate and whose spread is its per-sample variance.
 
     Args:
         objective: ``(*copies) -> (S,)`` values.
@@ -247,18 +278,19 @@ def per_sample_gradients(
     Example:
         >>> import torch, gradkit as gk
         >>> w = torch.tensor(2.0)
-        >>> gk.scg.per_sample_gradients(lambda w: w * torch.tensor([1.0, 3.0]), [w], 2)
+        >>> gk.scg.per_sample_estimates(lambda w: w * torch.tensor([1.0, 3.0]), [w], 2)
         [tensor([1., 3.])]
     """
     _checks.check_num_samples(num_samples)
-    with torch.enable_grad():
-        copies = [p.detach().expand(num_samples, *p.shape).clone().requires_grad_() for p in params]
-        values = objective(*copies)
-        if not isinstance(values, Tensor) or tuple(values.shape) != (num_samples,):
-            shape = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
+
+    def values(*copies: Tensor) -> Tensor:
+        out = objective(*copies)
+        if not isinstance(out, Tensor) or tuple(out.shape) != (num_samples,):
+            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ValueError(
                 f"objective returned {shape}; it must return one value per sample, shape "
                 f"({num_samples},): sum plate dimensions inside the objective"
             )
-        grads = torch.autograd.grad(values.sum(), copies, allow_unused=True)
-    return [torch.zeros_like(c) if g is None else g for g, c in zip(grads, copies, strict=True)]
+        return out
+
+    return leaf_gradients(list(params), values, num_samples)

@@ -39,17 +39,18 @@ Uniform(l, h)   high            :math:`1/(h-l)`; δ_h; U(l, h)
 Uniform(l, h)   low             :math:`1/(h-l)`; U(l, h); δ_l
 ==============  ==============  ==================================================================
 
-:func:`measure_valued_estimates` is the engine behind :func:`gradkit.estimators.measure_valued` and
-``gradkit.expectation(..., estimator="measure_valued")``: it perturbs every parameter
-coordinate of every sample in one batched call of ``f`` (in chunks), one coordinate of the
-event for the whole batch at once when ``f`` is a plate.
+:class:`MeasureValued` is the estimator registered as ``"measure_valued"``, behind
+:func:`gradkit.estimators.measure_valued` and ``gradkit.expectation(...,
+estimator="measure_valued")``: it perturbs every parameter coordinate of every sample in one
+batched call of ``f`` (in chunks); under a declared plate, one coordinate of the event for the
+whole batch at once. :func:`measure_valued_estimates` runs it on given samples.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
@@ -67,11 +68,14 @@ from torch.distributions import (
     Uniform,
 )
 
-from gradkit import _checks
-from gradkit.distributions import DoubleSidedMaxwell, base_distribution, parameters
-from gradkit.estimators import CostFn, is_plate, signal_for
+from gradkit._engine import Stream, resolve
+from gradkit.distributions import DoubleSidedMaxwell
+from gradkit.registry import Estimator, Problem, register_estimator
+
+CostFn = Callable[[Tensor], Tensor]
 
 __all__ = [
+    "MeasureValued",
     "WeakDerivative",
     "measure_valued_estimates",
     "register_weak_derivative",
@@ -533,23 +537,21 @@ def _broadcast_part(part: object, full: tuple[int, ...], x: Tensor, where: str) 
 
 
 def _perturbed_costs(
-    f: CostFn,
+    problem: Problem,
     x: Tensor,
     values: Tensor,
-    plate_ndim: int,
     inner: tuple[int, ...],
     extra: tuple[int, ...],
     event: tuple[int, ...],
-    tail: tuple[int, ...],
-    plate: bool,
 ) -> Tensor:
-    """``f`` at ``x`` with one coordinate per group replaced: returns ``(G, S, *plate)``.
+    """The signal at ``x`` with one coordinate per group replaced: returns ``(G, S, *plate)``.
 
     Group ``g = (i, e)`` (an inner batch index and an extra parameter index, ``G = I * E``)
     replaces ``x[:, p, i]`` by ``values[:, p, i, e]`` for every plate index ``p`` at once.
     """
     num = x.shape[0]
-    plate_shape = tuple(x.shape[1 : 1 + plate_ndim])
+    plate_shape = problem.plate_shape
+    plate_ndim = len(plate_shape)
     n_inner, n_extra = math.prod(inner), math.prod(extra)
     groups = n_inner * n_extra
     v = values.reshape(num, *plate_shape, n_inner, n_extra, *event)
@@ -568,22 +570,138 @@ def _perturbed_costs(
             stop - start, *([1] * (1 + plate_ndim)), *inner, *([1] * len(event))
         )
         x_pert = torch.where(mask, v[start:stop], x.unsqueeze(0))
-        context = (
-            f" (the measure-valued estimator called f on perturbed samples of shape "
-            f"{tuple(x_pert.shape)}, with an extra leading dimension; f must broadcast over "
-            "leading dimensions, e.g. index x[..., i] rather than x[:, i])"
-        )
         try:
-            fp = _checks.evaluate(f, x_pert, (stop - start, num))
+            costs.append(problem.cost(x_pert, lead=2))
         except ValueError as err:
-            raise ValueError(f"{err}{context}") from err
-        if tuple(fp.shape[2:]) != tail:
             raise ValueError(
-                f"f returned values of shape {tuple(fp.shape[2:])} per sample for perturbed "
-                f"samples but {tail} for the original ones{context}"
-            )
-        costs.append(fp if plate else fp.reshape(stop - start, num, -1).sum(-1))
+                f"{err} (the measure-valued estimator called f on perturbed samples of shape "
+                f"{tuple(x_pert.shape)}, with an extra leading dimension; f must broadcast over "
+                "leading dimensions, e.g. index x[..., i] rather than x[:, i])"
+            ) from err
     return torch.cat(costs)
+
+
+def _check_wrt(wrt: object, params: Sequence[str], base: Distribution) -> list[str]:
+    if isinstance(wrt, str) or not isinstance(wrt, Sequence) or any(n not in params for n in wrt):
+        raise ValueError(
+            f"wrt must be a list of parameter names of {type(base).__name__}, chosen from "
+            f"{sorted(params)}; got {wrt!r}"
+        )
+    return list(wrt)
+
+
+@register_estimator("measure_valued")
+class MeasureValued(Estimator):
+    r"""The measure-valued (weak-derivative) estimator, rows :math:`c_i(f(x^{(i,+)}) -
+    f(x^{(i,-)}))` from the weak derivatives registered with :func:`register_weak_derivative`.
+
+    Its random draws (the perturbations) come from the call's stream: in
+    :func:`gradkit.expectation` they are made in the backward pass, for the cost contracted
+    with the upstream gradient, and the same generator state gives the same perturbations.
+    """
+
+    def targets(
+        self,
+        resolved: Any,
+        requested: Sequence[str],
+        *,
+        coupling: bool = True,
+        wrt: Sequence[str] | None = None,
+    ) -> list[str]:
+        """The parameters to estimate: ``wrt``, or the requested ones with a weak derivative.
+
+        A requested parameter without a registered weak derivative is left out when it does
+        not require grad (Gamma's concentration); one that requires grad is an error that
+        lists what is registered.
+        """
+        base = resolved.base
+        if wrt is not None:
+            chosen = _check_wrt(wrt, list(resolved.params), base)
+            for name in chosen:
+                _lookup(type(base), name)
+            return [n for n in chosen if n in requested]
+        registered = []
+        for name in requested:
+            try:
+                _lookup(type(base), name)
+                registered.append(name)
+            except NotImplementedError:
+                if resolved.params[name].requires_grad:
+                    raise  # the registry's error names the pair and lists what is registered
+        if not registered and requested:
+            _lookup(type(base), requested[0])  # raises: nothing to differentiate
+        return registered
+
+    def check(self, problem: Problem, *, coupling: bool = True, wrt: Any = None) -> None:
+        if not isinstance(coupling, bool):
+            raise TypeError(f"coupling must be True or False, got {coupling!r}")
+
+    def estimate(
+        self, problem: Problem, *, coupling: bool = True, wrt: Sequence[str] | None = None
+    ) -> dict[str, Tensor]:
+        with torch.no_grad(), problem.randomness():
+            return _estimates(problem, coupling)
+
+
+def _estimates(problem: Problem, coupling: bool) -> dict[str, Tensor]:
+    resolved = problem.resolved
+    base = resolved.base
+    x, signal = problem.x, problem.signal  # (S, *plate) or (S,)
+    batch, event = tuple(base.batch_shape), tuple(base.event_shape)
+    plate_ndim = len(problem.plate_shape)
+    inner = batch[plate_ndim:]
+    num = x.shape[0]
+    out = {}
+    for name, param in problem.params.items():
+        if tuple(param.shape[: len(batch)]) != batch:
+            raise ValueError(
+                f"parameter {name!r} of {type(base).__name__} has shape "
+                f"{tuple(param.shape)}, which does not start with the batch shape {batch}; "
+                "the measure-valued estimator needs batch-first parameters (build the "
+                "distribution with parameters broadcast to its batch shape)"
+            )
+        extra = tuple(param.shape[len(batch) :])
+        rule = _lookup(type(base), name)
+        wd = rule(base, x, coupling)
+        if not isinstance(wd, WeakDerivative):
+            raise TypeError(
+                f"the weak derivative registered for ({type(base).__name__}, {name!r}) "
+                f"returned {type(wd).__name__}; it must return gk.WeakDerivative("
+                "constant, positive, negative)"
+            )
+        where = f"the weak derivative for ({type(base).__name__}, {name!r})"
+        full = (num, *param.shape, *event)
+        parts = [
+            _broadcast_part(part, full, x, f"{where}: {label}")
+            for label, part in (("positive", wd.positive), ("negative", wd.negative))
+        ]
+        if parts[0] is None and parts[1] is None:
+            raise ValueError(
+                f"{where} returned None for both positive and negative parts; at most one "
+                "of them may be the sample itself"
+            )
+        costs = [
+            signal.unsqueeze(0)
+            if part is None
+            else _perturbed_costs(problem, x, part, inner, extra, event)
+            for part in parts
+        ]
+        n_inner, n_extra = math.prod(inner), math.prod(extra)
+        diff = costs[0] - costs[1]  # (G, S, *plate): at least one part was perturbed
+        diff = diff.reshape(n_inner, n_extra, num, *batch[:plate_ndim])
+        diff = diff.permute(2, *range(3, 3 + plate_ndim), 0, 1).reshape(num, *param.shape)
+        constant = torch.as_tensor(wd.constant, dtype=param.dtype, device=param.device)
+        try:
+            fits = torch.broadcast_shapes(constant.shape, diff.shape) == diff.shape
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(
+                f"{where}: constant has shape {tuple(constant.shape)}, which does not "
+                f"broadcast to {tuple(diff.shape)} = (num_samples, *param.shape)"
+            )
+        out[name] = (constant.detach() * diff).to(param.dtype)
+    return out
 
 
 def measure_valued_estimates(
@@ -594,8 +712,10 @@ def measure_valued_estimates(
     coupling: bool = True,
     *,
     wrt: Sequence[str] | None = None,
+    plate: bool = False,
+    generator: torch.Generator | None = None,
 ) -> dict[str, Tensor]:
-    r"""Per-sample measure-valued gradient estimates from samples ``x`` and costs ``fx = f(x)``.
+    r"""Per-sample measure-valued gradient estimates from given samples ``x`` and ``fx = f(x)``.
 
     For every parameter element :math:`\theta_i` with registered weak derivative
     :math:`(c_i, p^+_i, p^-_i)` and every sample :math:`x_s`:
@@ -605,26 +725,27 @@ def measure_valued_estimates(
 
     where :math:`x_s^{(i,\pm)}` equals :math:`x_s` except the coordinate that :math:`\theta_i`
     governs, drawn from :math:`p^\pm_i` (Pflug 1989, ``pflug1989sampling``; Mohamed et al. 2020,
-    §6, ``mohamed2020monte``). In the plate case (``f`` returns ``(S, *dist.batch_shape)`` and
-    each output element depends only on its own batch element) element ``b`` of the estimate
-    uses only ``f``'s element ``b``, and one event coordinate is perturbed for every batch
-    element at once, so ``f`` sees ``O(event size)`` rows rather than ``O(batch x event)``.
-    Otherwise ``f`` is summed over its output dimensions and each element is perturbed alone.
-    All perturbed inputs for a parameter go to ``f`` stacked along a new leading dimension, in
-    chunks (at most ``2**24`` elements, and a few hundred rows on a CPU), under
-    ``torch.no_grad``. A part that is ``None`` reuses ``fx``.
+    §6, ``mohamed2020monte``). Under a declared plate (``plate=True``: ``f`` returns ``(S,
+    *dist.batch_shape)`` and each output element depends only on its own batch element)
+    element ``b`` of the estimate uses only ``f``'s element ``b``, and one event coordinate is
+    perturbed for every batch element at once, so ``f`` sees ``O(event size)`` rows rather than
+    ``O(batch x event)``. Otherwise ``f`` is summed over its output dimensions and each element
+    is perturbed alone. All perturbed inputs for a parameter go to ``f`` stacked along a new
+    leading dimension, in chunks (at most ``2**24`` elements, and a few hundred rows on a CPU),
+    under ``torch.no_grad``. A part that is ``None`` reuses ``fx``.
 
     Args:
         f: cost, samples ``(..., S, *batch, *event)`` -> ``(..., S, *T)``; it must broadcast
             over extra leading dimensions.
-        dist: the distribution (``Independent`` wrappers allowed); all its parameters need a
-            registered weak derivative.
+        dist: the distribution (``Independent`` wrappers allowed).
         x: samples ``(S, *dist.batch_shape, *dist.event_shape)`` drawn from ``dist``.
         fx: ``f(x)``, shape ``(S, *T)``.
         coupling: passed to the weak derivatives: share random numbers between the positive
             and negative draws (and with ``x``), or draw them independently.
-        wrt: names of the parameters to estimate (default: all of them); e.g. ``["rate"]``
-            for a ``Gamma``, whose concentration has no registered weak derivative.
+        wrt: names of the parameters to estimate (default: those with a registered weak
+            derivative; a parameter without one that requires grad is an error).
+        plate: declare one cost per batch element (see above).
+        generator: a ``torch.Generator`` for the perturbations.
 
     Returns:
         dict parameter name -> estimates of shape ``(S, *param.shape)``, in the parameter's dtype.
@@ -644,82 +765,27 @@ def measure_valued_estimates(
         >>> d = torch.distributions.Bernoulli(torch.tensor([0.2, 0.7]))
         >>> x = d.sample((3,))
         >>> f = lambda x: (x - 0.5) ** 2 + 2 * x  # per element: f(1) - f(0) = 2 exactly
-        >>> measure_valued_estimates(f, d, x, f(x))["probs"]
+        >>> measure_valued_estimates(f, d, x, f(x), plate=True)["probs"]
         tensor([[2., 2.],
                 [2., 2.],
                 [2., 2.]])
     """
-    if not isinstance(coupling, bool):
-        raise TypeError(f"coupling must be True or False, got {coupling!r}")
-    base, _ = base_distribution(dist)
-    params = parameters(dist)
-    if wrt is not None:
-        unknown = [name for name in wrt if name not in params]
-        if isinstance(wrt, str) or unknown:
-            raise ValueError(
-                f"wrt must be a list of parameter names of {type(base).__name__}, chosen from "
-                f"{sorted(params)}; got {wrt!r}"
-            )
-        params = {name: params[name] for name in wrt}
-    with torch.no_grad():
-        x = x.detach()
-        fx = fx.detach()
-        plate = is_plate(dist, fx)
-        signal = signal_for(dist, fx)  # (S, *plate) or (S,)
-        batch, event = tuple(base.batch_shape), tuple(base.event_shape)
-        plate_ndim = len(dist.batch_shape) if plate else 0
-        inner = batch[plate_ndim:]
-        num = x.shape[0]
-        out = {}
-        for name, param in params.items():
-            if tuple(param.shape[: len(batch)]) != batch:
-                raise ValueError(
-                    f"parameter {name!r} of {type(base).__name__} has shape "
-                    f"{tuple(param.shape)}, which does not start with the batch shape {batch}; "
-                    "the measure-valued estimator needs batch-first parameters (build the "
-                    "distribution with parameters broadcast to its batch shape)"
-                )
-            extra = tuple(param.shape[len(batch) :])
-            rule = _lookup(type(base), name)
-            wd = rule(base, x, coupling)
-            if not isinstance(wd, WeakDerivative):
-                raise TypeError(
-                    f"the weak derivative registered for ({type(base).__name__}, {name!r}) "
-                    f"returned {type(wd).__name__}; it must return gk.WeakDerivative("
-                    "constant, positive, negative)"
-                )
-            where = f"the weak derivative for ({type(base).__name__}, {name!r})"
-            full = (num, *param.shape, *event)
-            parts = [
-                _broadcast_part(part, full, x, f"{where}: {label}")
-                for label, part in (("positive", wd.positive), ("negative", wd.negative))
-            ]
-            if parts[0] is None and parts[1] is None:
-                raise ValueError(
-                    f"{where} returned None for both positive and negative parts; at most one "
-                    "of them may be the sample itself"
-                )
-            costs = [
-                signal.unsqueeze(0)
-                if part is None
-                else _perturbed_costs(
-                    f, x, part, plate_ndim, inner, extra, event, tuple(fx.shape[1:]), plate
-                )
-                for part in parts
-            ]
-            n_inner, n_extra = math.prod(inner), math.prod(extra)
-            diff = costs[0] - costs[1]  # (G, S, *plate): at least one part was perturbed
-            diff = diff.reshape(n_inner, n_extra, num, *batch[:plate_ndim])
-            diff = diff.permute(2, *range(3, 3 + plate_ndim), 0, 1).reshape(num, *param.shape)
-            constant = torch.as_tensor(wd.constant, dtype=param.dtype, device=param.device)
-            try:
-                fits = torch.broadcast_shapes(constant.shape, diff.shape) == diff.shape
-            except RuntimeError:
-                fits = False
-            if not fits:
-                raise ValueError(
-                    f"{where}: constant has shape {tuple(constant.shape)}, which does not "
-                    f"broadcast to {tuple(diff.shape)} = (num_samples, *param.shape)"
-                )
-            out[name] = (constant * diff).to(param.dtype)
-    return out
+    estimator = MeasureValued()
+    estimator.name = "measure_valued"
+    options = {"coupling": coupling, "wrt": wrt}
+    resolved = resolve(dist)
+    problem = Problem(
+        f,
+        resolved,
+        x.shape[0],
+        plate=plate,
+        stream=Stream(generator, resolved.device),
+        names=estimator.targets(resolved, list(resolved.params), **options),
+        estimator=estimator,
+    )
+    estimator.check(problem, **options)
+    fx = fx.detach()
+    problem._check_output(tuple(fx.shape[1:]))
+    problem.output_shape = tuple(fx.shape[1:])
+    problem.set_forward(x.detach(), fx)
+    return estimator.estimate(problem, **options)

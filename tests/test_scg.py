@@ -58,15 +58,15 @@ def assert_unbiased(grads: list[torch.Tensor], exact: list[torch.Tensor]) -> Non
 @pytest.mark.parametrize(("reparameterize", "baseline"), [(True, None), (False, None), (True, 1.0)])
 def test_mixed_graph_unbiased(reparameterize, baseline):
     exact = exact_mixed_gradient()
-    grads = scg.per_sample_gradients(mixed_objective(reparameterize, baseline), leaves(), 100_000)
+    grads = scg.per_sample_estimates(mixed_objective(reparameterize, baseline), leaves(), 100_000)
     assert all(g.shape == (100_000,) and g.dtype == torch.float64 for g in grads)
     assert_unbiased(grads, exact)
 
 
 def test_pathwise_part_lowers_variance():
     n = 50_000
-    mixed = scg.per_sample_gradients(mixed_objective(True), leaves(), n)
-    pure = scg.per_sample_gradients(mixed_objective(False), leaves(), n)
+    mixed = scg.per_sample_estimates(mixed_objective(True), leaves(), n)
+    pure = scg.per_sample_estimates(mixed_objective(False), leaves(), n)
     for g_mixed, g_pure in zip(mixed[:2], pure[:2], strict=True):  # mu and sigma
         assert float(g_mixed.var()) < 0.5 * float(g_pure.var())
 
@@ -103,7 +103,7 @@ def test_discrete_graph_unbiased_against_enumeration():
     p2 = torch.sigmoid(logits2.squeeze(-1))
     expected = (p1 * ((1 - p2) * TABLE[:, 0] + p2 * TABLE[:, 1] + EXTRA)).sum()
     exact = torch.autograd.grad(expected, [logits1, logits2])
-    grads = scg.per_sample_gradients(discrete_objective, [logits1, logits2], 100_000)
+    grads = scg.per_sample_estimates(discrete_objective, [logits1, logits2], 100_000)
     for g, e in zip(grads, exact, strict=True):
         se = g.std(0) / math.sqrt(g.shape[0])
         assert torch.all((g.mean(0) - e).abs() <= Z * se), (g.mean(0), e, se)
@@ -136,11 +136,11 @@ def test_magic_box():
 def test_per_sample_gradients_match_a_loop():
     w = torch.tensor([0.5, -1.0])
     x = torch.tensor([[1.0, 2.0], [3.0, -1.0], [0.0, 4.0]])
-    got = scg.per_sample_gradients(lambda w: torch.sin((x * w).sum(-1)), [w], 3)[0]
+    got = scg.per_sample_estimates(lambda w: torch.sin((x * w).sum(-1)), [w], 3)[0]
     loop = [torch.autograd.functional.jacobian(lambda w, r=r: torch.sin(r @ w), w) for r in x]
     torch.testing.assert_close(got, torch.stack(loop))
     unused = torch.tensor(1.0)
-    assert scg.per_sample_gradients(lambda w, u: w.sum(-1), [w, unused], 3)[1].shape == (3,)
+    assert scg.per_sample_estimates(lambda w, u: w.sum(-1), [w, unused], 3)[1].shape == (3,)
 
 
 def test_errors():
@@ -163,6 +163,6 @@ def test_errors():
     with pytest.raises(ValueError, match="non-reparameterised nodes"):
         graph.surrogate(baselines={"x": torch.tensor(0.0)})
     with pytest.raises(ValueError, match=r"one value per sample, shape \(3,\)"):
-        scg.per_sample_gradients(lambda w: w, [torch.zeros(2)], 3)
+        scg.per_sample_estimates(lambda w: w, [torch.zeros(2)], 3)
     with pytest.raises(ValueError, match="num_samples must be at least 1"):
-        scg.per_sample_gradients(lambda w: w, [torch.zeros(())], 0)
+        scg.per_sample_estimates(lambda w: w, [torch.zeros(())], 0)

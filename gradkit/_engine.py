@@ -1,0 +1,230 @@
+r"""The per-sample engine every estimator shares.
+
+Three things are written once here:
+
+* :func:`resolve` reads a distribution once per call: its base distribution under
+  ``Independent`` wrappers, its parameters (as torch names them), which of them move the
+  support, and its shapes. Every helper of an estimator works from the :class:`Resolved`
+  record instead of inspecting the distribution again.
+* :func:`gradients` differentiates a function of a rebuilt distribution with respect to its
+  parameters, either per sample (each parameter is copied once per sample, ``(S,
+  *param.shape)``, the distribution is rebuilt from the copies and one backward pass gives
+  every sample's own gradient) or summed (one backward pass through the parameters
+  themselves: what :func:`gradkit.expectation` needs, at the cost of the parameters alone).
+* :class:`Stream` turns a ``torch.Generator`` into the random numbers of one call. torch's
+  ``sample``/``rsample`` take no generator, so each phase of a call (the forward samples, the
+  estimator's own draws) runs in a forked copy of the device's global stream, seeded from a
+  number drawn from the generator when the call starts; the global stream is restored
+  afterwards. The same generator state gives the same samples, so estimators compared at the
+  same state see common random numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from torch.distributions import Categorical, Distribution, OneHotCategorical
+
+from gradkit import _checks
+from gradkit.distributions import base_distribution, parameters, rebuild, support_parameters
+
+__all__ = ["Resolved", "Stream", "gradients", "leaf_gradients", "log_prob", "resolve"]
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """One distribution, read once: base, parameters, support and shapes.
+
+    Attributes:
+        dist: the distribution as the user built it.
+        base: the distribution under any ``Independent`` wrappers.
+        reinterpreted: how many batch dimensions the wrappers turn into event dimensions.
+        params: parameter name -> tensor (the distribution's own tensors, not copies).
+        support: names of the parameters that move the support (``Uniform`` bounds).
+        batch_shape: ``dist.batch_shape``.
+        event_shape: ``dist.event_shape``.
+    """
+
+    dist: Distribution
+    base: Distribution
+    reinterpreted: int
+    params: dict[str, Tensor]
+    support: tuple[str, ...]
+    batch_shape: torch.Size
+    event_shape: torch.Size
+    batch_first: dict[str, bool] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.params.values())).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.params.values())).dtype
+
+    def rebuild(self, params: dict[str, Tensor]) -> Distribution:
+        """The same distribution with the named parameters replaced (copies, leaves)."""
+        return rebuild(self.dist, params)
+
+
+def resolve(dist: object) -> Resolved:
+    """Read ``dist`` once (raises the input checks' errors for a non-distribution)."""
+    d = _checks.check_distribution(dist)
+    params = parameters(d)
+    base, ndims = base_distribution(d)
+    batch = tuple(d.batch_shape)
+    return Resolved(
+        dist=d,
+        base=base,
+        reinterpreted=ndims,
+        params=params,
+        support=tuple(support_parameters(d)),
+        batch_shape=d.batch_shape,
+        event_shape=d.event_shape,
+        batch_first={n: tuple(p.shape[: len(batch)]) == batch for n, p in params.items()},
+    )
+
+
+def log_prob(dist: Distribution, x: Tensor) -> Tensor:
+    """``dist.log_prob(x)`` without broadcasting category tables to every sample.
+
+    torch's ``Categorical.log_prob`` expands the logits to ``(S, *batch, K)`` before a gather;
+    for a large ``K`` that costs ``S`` copies of the table. Here the normalised table is
+    gathered directly, shape ``(S, *batch)``; other distributions use their own ``log_prob``.
+    """
+    base, ndims = base_distribution(dist)
+    batch = tuple(base.batch_shape)
+    if (
+        type(base) is Categorical
+        and x.dim() > len(batch)
+        and tuple(x.shape[x.dim() - len(batch) :]) == batch
+    ):
+        table = base.logits  # normalised by the constructor
+        index = x.long().unsqueeze(-1)
+        lead = index.shape[: index.dim() - table.dim()]
+        flat = index.reshape(-1, *table.shape[:-1], 1)
+        gathered = torch.gather(table.expand(flat.shape[0], *table.shape), -1, flat)
+        out = gathered.squeeze(-1).reshape(*lead, *table.shape[:-1])
+    elif type(base) is OneHotCategorical:
+        out = (x * base.logits.clamp_min(torch.finfo(base.logits.dtype).min)).sum(-1)
+    else:
+        out = base.log_prob(x)
+    if ndims:
+        out = out.sum(tuple(range(out.dim() - ndims, out.dim())))
+    return out
+
+
+def leaf_gradients(
+    tensors: Sequence[Tensor], fn: Callable[..., Tensor], num_samples: int | None
+) -> list[Tensor]:
+    r"""Gradients of ``fn(*leaves).sum()`` with respect to fresh leaves made from ``tensors``.
+
+    The one place where gradkit copies parameters: with ``num_samples=S`` each tensor becomes
+    ``S`` copies, ``(S, *shape)``, so that anything ``fn`` computes for sample ``s`` from copy
+    ``s`` alone yields sample ``s``'s own gradient in one backward pass; with ``None`` the
+    leaves have the tensors' own shapes (the summed gradient, at their memory cost). Unused
+    leaves get zeros. Works under ``torch.inference_mode`` and ``torch.no_grad``.
+    """
+    with torch.inference_mode(False), torch.enable_grad():
+        leaves = []
+        for t in tensors:
+            p = t.detach()
+            if num_samples is not None:
+                p = p.expand(num_samples, *p.shape).clone()
+            elif p.is_inference():
+                p = p.clone()
+            leaves.append(p.requires_grad_())
+        value = fn(*leaves)
+        if not value.requires_grad:
+            return [torch.zeros_like(p).detach() for p in leaves]
+        grads = torch.autograd.grad(value.sum(), leaves, allow_unused=True)
+    return [
+        torch.zeros_like(p).detach() if g is None else g.detach()
+        for p, g in zip(leaves, grads, strict=True)
+    ]
+
+
+def gradients(
+    resolved: Resolved,
+    fn: Callable[[Distribution], Tensor],
+    names: Sequence[str],
+    num_samples: int | None = None,
+) -> dict[str, Tensor]:
+    r"""Gradients of ``fn(rebuilt distribution).sum()`` with respect to parameters ``names``.
+
+    With ``num_samples=S`` each parameter is copied ``S`` times, ``(S, *param.shape)``, the
+    distribution is rebuilt with batch shape ``(S, *batch_shape)``, and sample ``s`` of
+    anything ``fn`` computes must use copy ``s`` only: then the gradient with respect to the
+    copies holds every sample's own gradient (one backward pass, no loop). With
+    ``num_samples=None`` the parameters are detached leaves of their own shape and the result
+    is the summed gradient, at the memory cost of the parameters. Parameters not in ``names``
+    keep their values (no gradient). See :func:`leaf_gradients`.
+    """
+    names = list(names)
+
+    def of_leaves(*leaves: Tensor) -> Tensor:
+        return fn(resolved.rebuild(dict(zip(names, leaves, strict=True))))
+
+    grads = leaf_gradients([resolved.params[n] for n in names], of_leaves, num_samples)
+    return dict(zip(names, grads, strict=True))
+
+
+_SEED_HIGH = 2**62
+
+
+class Stream:
+    """The random numbers of one estimator call, drawn from one ``torch.Generator``.
+
+    On creation two seeds are drawn (one number each, from ``generator`` or, without one,
+    from the device's global stream). :meth:`phase` runs a block in a forked copy of the
+    device's global stream seeded with one of them, and restores the global stream after it:
+    phase ``"forward"`` draws the samples, phase ``"estimator"`` the estimator's own random
+    numbers (perturbations, relaxations), in the forward or the backward pass. Re-entering a
+    phase replays its numbers (common random numbers for a control variate).
+    """
+
+    def __init__(self, generator: torch.Generator | None, device: torch.device) -> None:
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(
+                f"generator must be a torch.Generator or None, got {type(generator).__name__}; "
+                "pass e.g. torch.Generator().manual_seed(0)"
+            )
+        self.device = device
+        if generator is not None and generator.device.type != device.type:
+            raise ValueError(
+                f"the generator is on {generator.device} but the distribution's parameters are "
+                f"on {device}; create it there, torch.Generator(device={str(device)!r})"
+            )
+        self.explicit = generator is not None
+        if generator is None:
+            # the global stream decides, as for torch's own samplers
+            seeds = torch.randint(_SEED_HIGH, (2,), device="cpu")
+        else:
+            seeds = torch.randint(_SEED_HIGH, (2,), generator=generator, device=generator.device)
+        forward, estimator = (int(s) for s in seeds.tolist())
+        self.seeds = {"forward": forward, "estimator": estimator}
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        seed = self.seeds[name]
+        if self.device.type == "cuda":
+            index = self.device.index if self.device.index is not None else 0
+            with torch.random.fork_rng(devices=[index], device_type="cuda"):
+                torch.cuda.manual_seed(seed)
+                torch.default_generator.manual_seed(seed)
+                yield
+        elif self.device.type == "cpu":
+            state = torch.get_rng_state()
+            torch.default_generator.manual_seed(seed)
+            try:
+                yield
+            finally:
+                torch.set_rng_state(state)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                yield
