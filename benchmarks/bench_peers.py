@@ -128,7 +128,7 @@ def _gradkit_runner(problem: problems.Problem, estimator: str, copies: int | Non
 
     def run() -> dict[str, Tensor]:
         dist = problem.distribution(problem.parameters(copies))
-        grads = fn(problem.cost, dist, samples, **state["options"])
+        grads = fn(problem.cost, dist, samples, plate=copies is not None, **state["options"])
         return {k: v.mean(0) for k, v in grads.items()}
 
     reset()

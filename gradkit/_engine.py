@@ -22,17 +22,37 @@ Three things are written once here:
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
-from torch.distributions import Categorical, Distribution, OneHotCategorical
+from torch.distributions import (
+    Bernoulli,
+    Categorical,
+    Distribution,
+    Exponential,
+    Gamma,
+    Laplace,
+    Normal,
+    OneHotCategorical,
+    Poisson,
+)
+from torch.nn.functional import one_hot
 
 from gradkit import _checks
 from gradkit.distributions import base_distribution, parameters, rebuild, support_parameters
 
-__all__ = ["Resolved", "Stream", "gradients", "leaf_gradients", "log_prob", "resolve"]
+__all__ = [
+    "Resolved",
+    "Stream",
+    "closed_form_scores",
+    "gradients",
+    "leaf_gradients",
+    "log_prob",
+    "resolve",
+]
 
 
 @dataclass(frozen=True)
@@ -82,7 +102,7 @@ def resolve(dist: object) -> Resolved:
         base=base,
         reinterpreted=ndims,
         params=params,
-        support=tuple(support_parameters(d)),
+        support=tuple(n for n in support_parameters(d) if n in params),
         batch_shape=d.batch_shape,
         event_shape=d.event_shape,
         batch_first={n: tuple(p.shape[: len(batch)]) == batch for n, p in params.items()},
@@ -103,18 +123,71 @@ def log_prob(dist: Distribution, x: Tensor) -> Tensor:
         and x.dim() > len(batch)
         and tuple(x.shape[x.dim() - len(batch) :]) == batch
     ):
+        # index the flattened table: the backward pass scatters into a table-sized gradient
         table = base.logits  # normalised by the constructor
-        index = x.long().unsqueeze(-1)
-        lead = index.shape[: index.dim() - table.dim()]
-        flat = index.reshape(-1, *table.shape[:-1], 1)
-        gathered = torch.gather(table.expand(flat.shape[0], *table.shape), -1, flat)
-        out = gathered.squeeze(-1).reshape(*lead, *table.shape[:-1])
+        categories = table.shape[-1]
+        offsets = torch.arange(math.prod(batch), device=x.device).reshape(batch) * categories
+        out = table.reshape(-1)[x.long() + offsets]
     elif type(base) is OneHotCategorical:
         out = (x * base.logits.clamp_min(torch.finfo(base.logits.dtype).min)).sum(-1)
     else:
         out = base.log_prob(x)
     if ndims:
         out = out.sum(tuple(range(out.dim() - ndims, out.dim())))
+    return out
+
+
+def _closed_form(base: Distribution, x: Tensor, name: str) -> Tensor | None:
+    """:math:`\\partial_\\theta \\log p(x;\\theta)` per element where it has a short closed form."""
+    kind = type(base)
+    if kind is Bernoulli:
+        p = base.probs
+        if name == "logits":
+            return x - p
+        if name == "probs":
+            return (x - p) / (p * (1.0 - p))
+    elif kind is Normal:
+        z = (x - base.loc) / base.scale
+        if name == "loc":
+            return z / base.scale
+        if name == "scale":
+            return (z * z - 1.0) / base.scale
+    elif kind is Categorical and name == "logits":
+        return one_hot(x.long(), base.logits.shape[-1]).to(base.logits) - base.probs
+    elif kind is Poisson and name == "rate":
+        return x / base.rate - 1.0
+    elif kind is Exponential and name == "rate":
+        return 1.0 / base.rate - x
+    elif kind is Gamma:
+        if name == "rate":
+            return base.concentration / base.rate - x
+        if name == "concentration":
+            return torch.log(base.rate) + torch.log(x) - torch.digamma(base.concentration)
+    elif kind is Laplace:
+        offset = x - base.loc
+        if name == "loc":
+            return torch.sign(offset) / base.scale
+        if name == "scale":
+            return (offset.abs() / base.scale - 1.0) / base.scale
+    return None
+
+
+def closed_form_scores(
+    resolved: Resolved, x: Tensor, names: Sequence[str]
+) -> dict[str, Tensor] | None:
+    """Per-sample scores ``(S, *param.shape)`` in closed form, or ``None`` if any is missing.
+
+    For the common families (Bernoulli, Normal, Categorical logits, Poisson, Exponential,
+    Gamma, Laplace) the score needs no autograd; a test checks every formula against the
+    autograd engine. Elsewhere :func:`gradients` differentiates ``log_prob``.
+    """
+    out = {}
+    for name in names:
+        param = resolved.params[name]
+        score = _closed_form(resolved.base, x, name)
+        if score is None or tuple(score.shape) != (x.shape[0], *param.shape):
+            return None
+        out[name] = score.detach()
     return out
 
 
@@ -179,12 +252,16 @@ _SEED_HIGH = 2**62
 class Stream:
     """The random numbers of one estimator call, drawn from one ``torch.Generator``.
 
-    On creation two seeds are drawn (one number each, from ``generator`` or, without one,
-    from the device's global stream). :meth:`phase` runs a block in a forked copy of the
-    device's global stream seeded with one of them, and restores the global stream after it:
-    phase ``"forward"`` draws the samples, phase ``"estimator"`` the estimator's own random
-    numbers (perturbations, relaxations), in the forward or the backward pass. Re-entering a
-    phase replays its numbers (common random numbers for a control variate).
+    :meth:`phase` runs a block of random draws: phase ``"forward"`` draws the samples, phase
+    ``"estimator"`` the estimator's own random numbers (perturbations, relaxations), in the
+    forward or the backward pass. Re-entering a phase replays its numbers (a pathwise
+    estimator redraws its forward samples from per-sample copies; a control variate sees the
+    estimator's perturbations again), and the global stream is left as the first run left it.
+
+    With a ``generator``, two seeds are drawn from it when the call starts, and each phase runs
+    in a forked copy of the device's global stream seeded with its own seed; the global stream
+    is restored afterwards (untouched). Without one, the first run of a phase draws from the
+    device's global stream as torch's own samplers do, and its state is recorded for replays.
     """
 
     def __init__(self, generator: torch.Generator | None, device: torch.device) -> None:
@@ -194,22 +271,47 @@ class Stream:
                 "pass e.g. torch.Generator().manual_seed(0)"
             )
         self.device = device
-        if generator is not None and generator.device.type != device.type:
-            raise ValueError(
-                f"the generator is on {generator.device} but the distribution's parameters are "
-                f"on {device}; create it there, torch.Generator(device={str(device)!r})"
-            )
-        self.explicit = generator is not None
-        if generator is None:
-            # the global stream decides, as for torch's own samplers
-            seeds = torch.randint(_SEED_HIGH, (2,), device="cpu")
-        else:
+        self.seeds: dict[str, int] | None = None
+        self.states: dict[str, Tensor] = {}
+        if generator is not None:
+            if generator.device.type != device.type:
+                raise ValueError(
+                    f"the generator is on {generator.device} but the distribution's parameters "
+                    f"are on {device}; create it there, torch.Generator(device={str(device)!r})"
+                )
+        elif device.type not in ("cpu", "cuda"):
+            generator = torch.default_generator  # no state capture there: seed from it
+        if generator is not None:
             seeds = torch.randint(_SEED_HIGH, (2,), generator=generator, device=generator.device)
-        forward, estimator = (int(s) for s in seeds.tolist())
-        self.seeds = {"forward": forward, "estimator": estimator}
+            forward, estimator = (int(s) for s in seeds.tolist())
+            self.seeds = {"forward": forward, "estimator": estimator}
+
+    def _get_state(self) -> Tensor:
+        if self.device.type == "cuda":
+            return torch.cuda.get_rng_state(self.device)
+        return torch.get_rng_state()
+
+    def _set_state(self, state: Tensor) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_rng_state(state, self.device)
+        else:
+            torch.set_rng_state(state)
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
+        if self.seeds is None:
+            saved = self.states.get(name)
+            if saved is None:  # first run: draw from the global stream, remember where from
+                self.states[name] = self._get_state()
+                yield
+                return
+            current = self._get_state()
+            self._set_state(saved)
+            try:
+                yield
+            finally:
+                self._set_state(current)
+            return
         seed = self.seeds[name]
         if self.device.type == "cuda":
             index = self.device.index if self.device.index is not None else 0

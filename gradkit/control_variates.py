@@ -72,7 +72,7 @@ class ControlVariate(abc.ABC):
         """The control function and its exact expectation for this call (see :class:`Control`)."""
 
     def coefficient_for(self, g: Tensor, h: Tensor) -> Tensor | float:
-        r""":math:`\beta` per row and element: fixed, or ``Cov(g, h)/Var(h)`` from the other rows."""
+        r""":math:`\beta` per row and element: fixed, or ``Cov(g, h)/Var(h)`` from other rows."""
         if self.coefficient is not None:
             return self.coefficient
         return loo_coefficient(g, h)
@@ -320,7 +320,7 @@ class DeltaMethod(ControlVariate):
             return values.sum(), values
 
         def gradient(z: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-            g, (value, values) = grad_and_value(total, has_aux=True)(z)
+            g, (_, values) = grad_and_value(total, has_aux=True)(z)
             return g, (g, values)
 
         try:  # value, gradient and Hessian in one forward-over-reverse pass

@@ -67,9 +67,15 @@ def _init_arguments(cls: type) -> tuple[inspect.Parameter, ...]:
     return _INIT_ARGUMENTS[cls]
 
 
+_ALTERNATIVES: dict[tuple[type, str], bool] = {}
+
+
 def _is_alternative(cls: type, name: str) -> bool:
     """True for parameters torch computes lazily from an alternative (``probs``/``logits``)."""
-    return isinstance(inspect.getattr_static(cls, name, None), lazy_property)
+    key = (cls, name)
+    if key not in _ALTERNATIVES:  # cached per class: inspect is slow
+        _ALTERNATIVES[key] = isinstance(inspect.getattr_static(cls, name, None), lazy_property)
+    return _ALTERNATIVES[key]
 
 
 def _constructor_parameters(base: Distribution) -> dict[str, Tensor]:
@@ -179,6 +185,8 @@ def support_parameters(dist: Distribution) -> list[str]:
     base, _ = base_distribution(dist)
     support = base.support
     bounds = [v for v in vars(support).values() if isinstance(v, Tensor)]
+    if not bounds:  # a fixed support (real line, unit interval, integers)
+        return []
     names = _constructor_parameters(base)
     return [name for name, value in names.items() if any(value is b for b in bounds)]
 

@@ -24,15 +24,16 @@ at once. ``generator`` (a ``torch.Generator``) supplies all of a call's randomne
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.distributions import Distribution
+from torch.distributions import Categorical, Distribution
 
 from gradkit import weak_derivatives as _weak_derivatives  # noqa: F401 (registers it)
-from gradkit._engine import gradients, log_prob, resolve
+from gradkit._engine import closed_form_scores, gradients, log_prob, resolve
 from gradkit.baselines import Baseline, Constant
 from gradkit.registry import ESTIMATORS, Estimator, Problem, register_estimator
 
@@ -118,12 +119,13 @@ class ScoreFunction(Estimator):
         if isinstance(baseline, Baseline):
             baseline.update(problem.forward_signal)
 
-    def _weights(self, problem: Problem) -> Tensor:
+    def _centred(self, problem: Problem) -> Tensor:
+        """The signal less the baseline, ``(S, *plate_shape)``."""
         signal = problem.signal
         b = problem.prepared
         if isinstance(b, Tensor):
             signal = signal - problem.to_signal_units(b)
-        return problem.broadcast(signal)
+        return signal
 
     def _per_parameter(self, problem: Problem) -> dict[str, Tensor]:
         """Rows for a per-parameter baseline (a dict, e.g. the optimal constant)."""
@@ -144,14 +146,44 @@ class ScoreFunction(Estimator):
     def estimate(self, problem: Problem, *, baseline: Any = None) -> dict[str, Tensor]:
         if isinstance(problem.prepared, dict):
             return self._per_parameter(problem)
-        weights, x = self._weights(problem), problem.x
+        centred, x = self._centred(problem), problem.x
+        closed = closed_form_scores(problem.resolved, x, problem.names)
+        if closed is not None and all(problem.resolved.batch_first[n] for n in closed):
+            return {n: problem.broadcast(centred, n) * s for n, s in closed.items()}
+        weights = problem.broadcast(centred)
         return problem.per_sample_gradients(lambda d: weights * log_prob(d, x))
 
     def mean_gradient(self, problem: Problem, *, baseline: Any = None) -> dict[str, Tensor]:
         if isinstance(problem.prepared, dict):
             return {n: v.mean(0) for n, v in self._per_parameter(problem).items()}
-        weights, x = self._weights(problem) / problem.num_samples, problem.x
+        centred, x = self._centred(problem), problem.x
+        resolved = problem.resolved
+        if all(resolved.batch_first[n] for n in problem.names):
+            if type(resolved.base) is Categorical and problem.names == ["logits"]:
+                return {"logits": _categorical_logits_mean(resolved.base, x, centred, problem)}
+            closed = closed_form_scores(resolved, x, problem.names)
+            if closed is not None and type(resolved.base) is not Categorical:
+                return {n: (problem.broadcast(centred, n) * s).mean(0) for n, s in closed.items()}
+        weights = problem.broadcast(centred) / problem.num_samples
         return problem.summed_gradients(lambda d: weights * log_prob(d, x))
+
+
+def _categorical_logits_mean(
+    base: Categorical, x: Tensor, centred: Tensor, problem: Problem
+) -> Tensor:
+    r""":math:`\frac1S\sum_s w_s(\mathbf{1}[x_s] - \pi)` without forming ``S`` one-hot tables.
+
+    The weights are scattered into a table-sized tensor: memory ``O(parameter size + S x
+    batch)``, where the per-sample scores would take ``S x parameter size``.
+    """
+    logits = base.logits
+    batch = tuple(base.batch_shape)
+    weights = problem.broadcast(centred).expand(x.shape).to(logits.dtype)  # (S, *B)
+    table = torch.zeros(math.prod(batch) * logits.shape[-1], dtype=logits.dtype, device=x.device)
+    offsets = torch.arange(math.prod(batch), device=x.device).reshape(batch) * logits.shape[-1]
+    table.index_add_(0, (x.long() + offsets).reshape(-1), weights.reshape(-1))
+    total = weights.sum(0).unsqueeze(-1)  # (*B, 1)
+    return (table.reshape(logits.shape) - total * base.probs.detach()) / x.shape[0]
 
 
 class PathwiseEstimator(Estimator):

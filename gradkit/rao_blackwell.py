@@ -37,7 +37,6 @@ from torch import Tensor
 from torch.distributions import Categorical, Distribution
 
 from gradkit import _checks
-from gradkit.baselines import Baseline
 from gradkit.diagnostics import gradient_variance
 from gradkit.distributions import parameters
 from gradkit.estimators import ScoreFunction
@@ -264,11 +263,11 @@ def exact_gradient(f: CostFn, dist: Distribution, *, plate: bool = False) -> dic
 
     .. math:: \eta = \nabla_\theta \sum_{z=1}^{K} q_\theta(z)\, f(z),
 
-    summed over the batch elements for independent categoricals (``plate=True``), with :math:`\theta`
-    the distribution's own parameter (``probs`` or ``logits``). ``f`` is called once, on a
-    ``(K, *batch_shape)`` tensor whose row :math:`j` holds category :math:`j` in every batch
-    element; autograd differentiates the enumerated sum. This is the reference against which
-    sum-and-sample estimators are tested (Liu et al. 2019, ``liu2019rao``).
+    summed over the batch elements for independent categoricals (``plate=True``), with
+    :math:`\theta` the distribution's own parameter (``probs`` or ``logits``). ``f`` is called
+    once, on a ``(K, *batch_shape)`` tensor whose row :math:`j` holds category :math:`j` in
+    every batch element; autograd differentiates the enumerated sum. This is the reference
+    against which sum-and-sample estimators are tested (Liu et al. 2019, ``liu2019rao``).
 
     Args:
         f: cost, as for :func:`sum_and_sample`.
@@ -384,9 +383,7 @@ def variance_sweep(
         record: dict[str, float] = {"k": k}
         record["top-k mass"] = probs.topk(k, dim=-1).values.sum(-1).mean().item()
         for label, baseline in baselines.items():
-            g = sum_and_sample(
-                f, dist, num_samples, num_summed=k, baseline=baseline, plate=plate
-            )
+            g = sum_and_sample(f, dist, num_samples, num_summed=k, baseline=baseline, plate=plate)
             record[label] = gradient_variance(g).item()
         record["plain, k + 1 samples"] = plain / (k + 1)
         records.append(record)

@@ -39,7 +39,7 @@ from torch import Tensor
 from torch.distributions import Distribution
 
 from gradkit import _checks
-from gradkit._engine import Resolved, Stream, gradients, log_prob, resolve
+from gradkit._engine import Resolved, Stream, closed_form_scores, gradients, log_prob, resolve
 
 __all__ = [
     "ESTIMATORS",
@@ -289,6 +289,9 @@ class Problem:
     def scores(self, x: Tensor | None = None) -> dict[str, Tensor]:
         """Per-sample scores :math:`\\nabla_\\theta \\log p(x_s;\\theta)`, ``(S, *param)``."""
         x = self.x if x is None else x
+        closed = closed_form_scores(self.resolved, x, self.names)
+        if closed is not None:
+            return closed
         return gradients(self.resolved, lambda d: log_prob(d, x), self.names, x.shape[0])
 
     def randomness(self) -> Any:
@@ -317,6 +320,11 @@ class Problem:
         new = self._copy()
         new._signal_fn = fn
         return new
+
+
+def _keyword_options(fn: Callable[..., Any]) -> tuple[str, ...]:
+    parameters = inspect.signature(fn).parameters.values()
+    return tuple(p.name for p in parameters if p.kind is p.KEYWORD_ONLY)
 
 
 class Estimator:
@@ -400,19 +408,18 @@ class Estimator:
     @property
     def options(self) -> tuple[str, ...]:
         """The estimator's own keyword options, read from :meth:`estimate`'s signature."""
-        return tuple(
-            p.name
-            for p in inspect.signature(self.estimate).parameters.values()
-            if p.kind is p.KEYWORD_ONLY
-        )
+        cached: tuple[str, ...] | None = self.__dict__.get("_options")
+        if cached is None:
+            cached = _keyword_options(self.estimate)
+            self.__dict__["_options"] = cached
+        return cached
 
     def validate(self, options: Mapping[str, Any]) -> dict[str, Any]:
         unknown = sorted(set(options) - set(self.options))
         if unknown:
             takes = [*self.options, *COMMON_OPTIONS]
             raise TypeError(
-                f"the {self.name} estimator got unexpected option(s) {unknown}; it takes "
-                f"{takes}"
+                f"the {self.name} estimator got unexpected option(s) {unknown}; it takes {takes}"
             )
         return dict(options)
 
@@ -431,9 +438,7 @@ class Estimator:
         why = f"the {self.name} estimator needs them" if self.min_samples > 1 else ""
         _checks.check_num_samples(num_samples, self.min_samples, why)
         stream = Stream(generator, resolved.device)
-        requested = [
-            n for n, p in resolved.params.items() if p.requires_grad or not trainable_only
-        ]
+        requested = [n for n, p in resolved.params.items() if p.requires_grad or not trainable_only]
         problem = Problem(
             f,
             resolved,
@@ -469,7 +474,8 @@ class Estimator:
         if control_variate is not None:
             rows = apply_control_variate(control_variate, self, problem, rows, options)
         self.finish(problem, **options)
-        return rows
+        params = problem.resolved.params
+        return {n: v.to(params[n].dtype) if n in params else v for n, v in rows.items()}
 
     def __repr__(self) -> str:
         kind = "biased" if self.biased else "unbiased"
@@ -483,14 +489,11 @@ class _FunctionEstimator(Estimator):
     def __init__(self, fn: Callable[..., dict[str, Tensor]]) -> None:
         self.fn = fn
         self.__doc__ = fn.__doc__
+        self._fn_options = _keyword_options(fn)
 
     @property
     def options(self) -> tuple[str, ...]:
-        return tuple(
-            p.name
-            for p in inspect.signature(self.fn).parameters.values()
-            if p.kind is p.KEYWORD_ONLY
-        )
+        return self._fn_options
 
     def estimate(self, problem: Problem, **options: Any) -> dict[str, Tensor]:
         return self.fn(problem, **options)
@@ -645,4 +648,3 @@ def loo_coefficient(g: Tensor, h: Tensor) -> Tensor:
     cov = (g * h).sum(0) - g * h - sum_g * sum_h / n
     var = (h * h).sum(0) - h * h - sum_h * sum_h / n
     return torch.where(var > 0, cov / var.clamp_min(torch.finfo(var.dtype).tiny), 0.0)
-

@@ -729,9 +729,7 @@ class _Relaxed(PathwiseEstimator):
             base.logits, tau, sample_shape, straight_through=self.straight_through
         )
 
-    def estimate(
-        self, problem: Problem, *, temperature: float | Tensor = 1.0
-    ) -> dict[str, Tensor]:
+    def estimate(self, problem: Problem, *, temperature: float | Tensor = 1.0) -> dict[str, Tensor]:
         return super().estimate(problem, temperature=temperature)
 
 
