@@ -73,7 +73,7 @@ def gradkit_step(model: VAE, x: Tensor, coupling: bool) -> None:
     """One encoder-gradient step with gradkit's batched measure-valued engine."""
     q = model.posterior(x)
     f = lambda z: model.log_likelihood(x, z)  # noqa: E731
-    value = gk.expectation(f, q, 1, estimator="measure_valued", coupling=coupling)
+    value = gk.expectation(f, q, 1, estimator="measure_valued", coupling=coupling, plate=True)
     (-value.sum()).backward()
 
 

@@ -56,8 +56,8 @@ def evaluate(f: Callable[[Tensor], Tensor], x: Tensor, lead: tuple[int, ...]) ->
         )
     if not fx.is_floating_point():
         fx = fx.to(x.dtype if x.is_floating_point() else torch.get_default_dtype())
-    bad = ~torch.isfinite(fx.detach())
-    if bool(bad.any()):
+    if not bool(torch.isfinite(fx.detach()).all()):
+        bad = ~torch.isfinite(fx.detach())
         count = int(bad.reshape(*lead, -1).any(-1).sum())
         total = int(torch.tensor(lead).prod())
         raise ValueError(

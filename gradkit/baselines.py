@@ -86,6 +86,8 @@ class Baseline(abc.ABC):
                         f"broadcast to its per-sample scores' shape {tuple(s.shape)}"
                     ) from None
             return out
+        if isinstance(b, Tensor) and b.shape == signal.shape and b.dtype == signal.dtype:
+            return b.detach()
         b = torch.as_tensor(b, dtype=signal.dtype, device=signal.device).detach()
         try:
             return b.expand_as(signal)

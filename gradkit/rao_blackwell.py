@@ -144,11 +144,11 @@ class RaoBlackwell(ScoreFunction):
     def value(self, problem: Problem, fx: Tensor) -> Tensor:
         split = self._split(problem)
         tail = fx.dim() - 1 - split.rest.dim()
-        rest = split.rest.reshape(*split.rest.shape, *([1] * tail))
+        rest = split.rest.reshape(tuple(split.rest.shape) + (1,) * tail)
         value = rest * fx.mean(0)
         if split.top.shape[0]:
             f_top = problem.evaluate(split.top)  # (k, *T), with f's own gradients
-            q_top = split.top_probs.reshape(*split.top_probs.shape, *([1] * tail))
+            q_top = split.top_probs.reshape(tuple(split.top_probs.shape) + (1,) * tail)
             value = value + (q_top * f_top).sum(0)
         return value
 

@@ -139,6 +139,7 @@ class Problem:
         self._x: Tensor | None = None
         self._fx: Tensor | None = None
         self.output_shape: tuple[int, ...] | None = None
+        self._cache: dict[str, Any] = {}
 
     # -- the forward pass ---------------------------------------------------------------------
 
@@ -155,9 +156,8 @@ class Problem:
     def x(self) -> Tensor:
         """The forward samples ``(S, *batch, *event)`` (drawn on first use, detached)."""
         if self._x is None:
-            with torch.no_grad():
-                x = self.estimator.sample(self)
-            self.set_forward(x.detach(), self.evaluate(x).detach())
+            x = self.estimator.sample(self).detach()
+            self.set_forward(x, self.evaluate(x).detach())
         assert self._x is not None
         return self._x
 
@@ -170,6 +170,7 @@ class Problem:
 
     def set_forward(self, x: Tensor, fx: Tensor) -> None:
         self._x, self._fx = x, fx
+        self._cache = {}
 
     def evaluate(self, x: Tensor, lead: int = 1) -> Tensor:
         """``f(x)`` with its checks; the first call fixes (and checks) the output shape ``T``."""
@@ -231,16 +232,19 @@ class Problem:
     @property
     def signal(self) -> Tensor:
         """The learning signal at the forward samples, ``(S, *plate_shape)``."""
-        if self._signal_fn is not None:
-            return self._signal_fn(self.x, 1).detach()
-        return self.contract(self.fx, 1)
+        if "signal" not in self._cache:
+            if self._signal_fn is not None:
+                self._cache["signal"] = self._signal_fn(self.x, 1).detach()
+            else:
+                self._cache["signal"] = self.contract(self.fx, 1)
+        return self._cache["signal"]
 
     @property
     def forward_signal(self) -> Tensor:
         """The signal in the units of ``f`` (never weighted by an upstream gradient)."""
-        fx = self.fx if self._signal_fn is None else self._signal_fn(self.x, 1).detach()
-        if self._signal_fn is not None:
-            return fx
+        if self._signal_fn is not None or self.weights is None:
+            return self.signal
+        fx = self.fx
         return fx if self.plate else fx.reshape(fx.shape[0], -1).sum(-1)
 
     def to_signal_units(self, value: Tensor, name: str | None = None) -> Tensor:
@@ -307,6 +311,7 @@ class Problem:
     def _copy(self) -> Problem:
         new = object.__new__(Problem)
         new.__dict__.update(self.__dict__)
+        new._cache = {}
         return new
 
     def weighted(self, weights: Tensor) -> Problem:
