@@ -25,6 +25,7 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -137,7 +138,7 @@ def log_prob(dist: Distribution, x: Tensor) -> Tensor:
     return out
 
 
-def _closed_form(base: Distribution, x: Tensor, name: str) -> Tensor | None:
+def _closed_form(base: Any, x: Tensor, name: str) -> Tensor | None:
     """:math:`\\partial_\\theta \\log p(x;\\theta)` per element where it has a short closed form."""
     kind = type(base)
     if kind is Bernoulli:

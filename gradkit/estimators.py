@@ -95,8 +95,6 @@ class ScoreFunction(Estimator):
     the baseline needs per-sample scores (:class:`gradkit.baselines.OptimalConstant`).
     """
 
-    families = None
-
     def check(self, problem: Problem, **options: Any) -> None:
         moving = [name for name in problem.resolved.support if name in problem.names]
         if moving:

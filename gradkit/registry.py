@@ -594,9 +594,9 @@ def register_estimator(
             f"an estimator's name must be a Python identifier string, got {name!r}; e.g. "
             "'my_reinforce'"
         )
-    if families is not None:
-        families = tuple(families)
-        bad = [t for t in families if not (isinstance(t, type) and issubclass(t, Distribution))]
+    chosen: tuple[type, ...] | None = None if families is None else tuple(families)
+    if chosen is not None:
+        bad = [t for t in chosen if not (isinstance(t, type) and issubclass(t, Distribution))]
         if bad:
             raise TypeError(
                 f"families must be torch.distributions.Distribution subclasses, got {bad!r}"
@@ -609,6 +609,7 @@ def register_estimator(
                 f"({ESTIMATORS[name]!r}); choose another name, or pass replace=True to "
                 "replace it"
             )
+        est: Estimator
         if isinstance(obj, Estimator):
             est = obj
         elif isinstance(obj, type) and issubclass(obj, Estimator):
@@ -621,8 +622,8 @@ def register_estimator(
                 f"gradkit.registry.Estimator, got {type(obj).__name__}"
             )
         est.name = name
-        if families is not None:
-            est.families = families  # type: ignore[assignment]
+        if chosen is not None:
+            est.families = chosen
         if biased is not None:
             est.biased = biased
         ESTIMATORS[name] = est

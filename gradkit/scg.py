@@ -238,7 +238,14 @@ class StochasticComputationGraph:
                     (per_sample(c.detach()) for c, names in self.costs if name in names),
                     torch.zeros(lead),
                 )
-                value = b(signal, {})
+                computed = b(signal, {})
+                if isinstance(computed, dict):
+                    raise TypeError(
+                        f"baseline for {name!r}: {type(b).__name__} returns one baseline per "
+                        "parameter, which a graph node has not; use LeaveOneOut, "
+                        "ExponentialMovingAverage or a constant"
+                    )
+                value = computed
                 updates.append((b, signal))
             else:
                 value = torch.as_tensor(b).detach()

@@ -772,7 +772,7 @@ def measure_valued_estimates(
     """
     estimator = MeasureValued()
     estimator.name = "measure_valued"
-    options = {"coupling": coupling, "wrt": wrt}
+    options: dict[str, Any] = {"coupling": coupling, "wrt": wrt}
     resolved = resolve(dist)
     problem = Problem(
         f,

@@ -2,6 +2,11 @@
 
 import pytest
 import torch
+from hypothesis import settings
+
+# Hypothesis draws its examples from a fixed seed too: the same examples every run.
+settings.register_profile("gradkit", derandomize=True)
+settings.load_profile("gradkit")
 
 
 @pytest.fixture(autouse=True)
