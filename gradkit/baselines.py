@@ -68,6 +68,12 @@ class Baseline(abc.ABC):
     def __call__(self, signal: Tensor, scores: Mapping[str, Tensor]) -> Tensor | dict[str, Tensor]:
         b = self.value(signal, scores)
         if isinstance(b, dict):
+            if not self.needs_scores:
+                raise TypeError(
+                    f"{type(self).__name__} returned per-parameter baselines (a dict) but does "
+                    "not declare needs_scores = True; set it on the class, so that the "
+                    "estimator passes the per-sample scores the dict is aligned with"
+                )
             missing = sorted(set(scores) - set(b))
             if missing:
                 raise ValueError(
@@ -134,8 +140,11 @@ class ExponentialMovingAverage(Baseline):
     :meth:`value` returns the average of *earlier* calls (zero before the first update), so
     it is independent of the current samples and the estimate stays unbiased; :meth:`update`
     adds the current call's mean signal. With ``zero_debias`` (the default) the average is
-    divided by one minus the product of the decays, as in Adam (Kingma and Ba 2015) and optax's
-    ``moving_avg_baseline``, so early values are not pulled towards zero. With
+    divided by one minus the product of the decays, as in Adam (Kingma and Ba 2015), so early
+    values are not pulled towards zero and a constant signal gives that constant from the first
+    update on. (optax's ``moving_avg_baseline`` agrees on the first update; later it divides
+    the stored, already debiased value again by :math:`1 - \beta_t^{t+1}`, which inflates a
+    constant signal.) With
     ``early_training`` the decay is :math:`\beta_t = \min(\beta, (1+t)/(10+t))`, optax's
     heuristic that averages over few steps while there is little history.
 

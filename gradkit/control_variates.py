@@ -152,8 +152,13 @@ class QuadraticExpansion:
     shape: torch.Size
 
     def __call__(self, x: Tensor) -> Tensor:
-        r""":math:`\tilde f(x)` for samples ``x`` of shape ``(S, *shape)``; returns ``(S,)``."""
-        delta = x.reshape(x.shape[0], -1).to(self.point.dtype) - self.point
+        r""":math:`\tilde f(x)` for samples ``x`` of shape ``(*lead, *shape)``; returns ``lead``.
+
+        Any leading dimensions broadcast, as the estimators require of a cost (the
+        measure-valued estimator adds one).
+        """
+        lead = x.shape[: x.dim() - len(self.shape)]
+        delta = x.reshape(*lead, -1).to(self.point.dtype) - self.point
         return self.value + delta @ self.gradient + 0.5 * ((delta @ self.hessian) * delta).sum(-1)
 
     def expectation(self, dist: Distribution) -> Tensor:
