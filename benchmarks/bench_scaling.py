@@ -74,7 +74,7 @@ def cost_evaluations(dim: int, *, batch: int = 1, samples: int = 8) -> float:
         return _cost(x)
 
     dist = Independent(Normal(torch.zeros(batch, dim), torch.ones(batch, dim)), 1)
-    gk.measure_valued(counted, dist, samples)
+    gk.measure_valued(counted, dist, samples, plate=True)
     return rows / samples
 
 
@@ -86,14 +86,14 @@ def estimator_calls() -> dict[str, Any]:
         ['measure_valued', 'pathwise']
     """
     calls = {
-        "score_function": lambda d, s: gk.score_function(_cost, d, s),
+        "score_function": lambda d, s: gk.score_function(_cost, d, s, plate=True),
         "score_function+leave_one_out": lambda d, s: gk.score_function(
-            _cost, d, s, baseline=gk.baselines.LeaveOneOut()
+            _cost, d, s, baseline=gk.baselines.LeaveOneOut(), plate=True
         ),
-        "pathwise": lambda d, s: gk.pathwise(_cost, d, s),
+        "pathwise": lambda d, s: gk.pathwise(_cost, d, s, plate=True),
     }
     if measure_valued_missing() is None:
-        calls["measure_valued"] = lambda d, s: gk.measure_valued(_cost, d, s)
+        calls["measure_valued"] = lambda d, s: gk.measure_valued(_cost, d, s, plate=True)
     return calls
 
 

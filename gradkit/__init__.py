@@ -22,8 +22,8 @@ from gradkit import (
 from gradkit.autodiff import expectation
 from gradkit.distributions import DoubleSidedMaxwell
 from gradkit.estimators import measure_valued, pathwise, score, score_function
-from gradkit.registry import ESTIMATORS, Estimator, PlateHint, Problem, register_estimator
 from gradkit.per_sample import per_sample_grads
+from gradkit.registry import ESTIMATORS, Estimator, PlateHint, Problem, register_estimator
 from gradkit.weak_derivatives import (
     WeakDerivative,
     register_weak_derivative,
@@ -54,10 +54,10 @@ __all__ = [
     "per_sample_grads",
     "quadrature",
     "rao_blackwell",
-    "register_weak_derivative",
-    "registry",
     "register_estimator",
+    "register_weak_derivative",
     "registered_weak_derivatives",
+    "registry",
     "reparam",
     "scg",
     "score",

@@ -10,7 +10,8 @@ Three things are written once here:
   parameters, either per sample (each parameter is copied once per sample, ``(S,
   *param.shape)``, the distribution is rebuilt from the copies and one backward pass gives
   every sample's own gradient) or summed (one backward pass through the parameters
-  themselves: what :func:`gradkit.expectation` needs, at the cost of the parameters alone).
+  themselves: what :func:`~gradkit.autodiff.expectation` needs, at the cost of the parameters
+  alone).
 * :class:`Stream` turns a ``torch.Generator`` into the random numbers of one call. torch's
   ``sample``/``rsample`` take no generator, so each phase of a call (the forward samples, the
   estimator's own draws) runs in a forked copy of the device's global stream, seeded from a

@@ -4,7 +4,7 @@ r"""Monte Carlo expectations that autograd differentiates with any registered es
 :math:`\mathbb{E}[f]`) with a backward pass that sends the chosen estimator's gradient to the
 distribution's parameters. It knows no estimator by name: it looks the name up in
 ``gk.ESTIMATORS`` (:mod:`gradkit.registry`), so an estimator registered with
-:func:`gradkit.register_estimator` works here unchanged.
+:func:`~gradkit.registry.register_estimator` works here unchanged.
 """
 
 from __future__ import annotations

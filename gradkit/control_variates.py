@@ -46,13 +46,12 @@ __all__ = ["Control", "ControlVariate", "DeltaMethod", "QuadraticExpansion"]
 class Control(NamedTuple):
     r"""What a control variate supplies for one call.
 
-    Attributes:
-        signal: ``signal(x, lead)``: the control function at samples ``x`` with ``lead``
-            leading dimensions, shaped like the learning signal, ``(*lead, *plate_shape)``;
-            differentiable in ``x`` (a pathwise estimator differentiates it).
-        expectation: ``expectation(dist)``: :math:`\mathbb{E}_{\mathrm{dist}}[\tilde f]`
-            summed over the plate, differentiable in the parameters of ``dist`` (the engine
-            passes a rebuilt distribution whose parameters are leaves).
+    ``signal(x, lead)`` is the control function at samples ``x`` with ``lead`` leading
+    dimensions, shaped like the learning signal, ``(*lead, *plate_shape)``, and differentiable
+    in ``x`` (a pathwise estimator differentiates it). ``expectation(dist)`` is
+    :math:`\mathbb{E}_{\mathrm{dist}}[\tilde f]` summed over the plate, differentiable in the
+    parameters of ``dist`` (the engine passes a rebuilt distribution whose parameters are
+    leaves).
     """
 
     signal: Callable[[Tensor, int], Tensor]

@@ -9,8 +9,9 @@ Three families (Mohamed, Rosca, Figurnov and Mnih 2020):
 
 Each returns *per-sample* estimates, a dict keyed by the distribution's parameter names, each of
 shape ``(num_samples, *param.shape)``; the mean over dim 0 is an unbiased estimate and the
-spread over dim 0 is the per-sample variance. :func:`gradkit.expectation` wires any registered
-estimator into autograd. All three are registered in ``gk.ESTIMATORS`` (:mod:`gradkit.registry`).
+spread over dim 0 is the per-sample variance. :func:`~gradkit.autodiff.expectation` wires any
+registered estimator into autograd. All three are registered in ``gk.ESTIMATORS``
+(:mod:`gradkit.registry`).
 
 Shapes. ``f`` maps samples of shape ``(S, *batch_shape, *event_shape)`` to ``(S, *T)``; the
 target is the gradient of :math:`\mathbb{E}[f]` summed over ``T``. **Independence is declared,
@@ -37,7 +38,15 @@ from gradkit._engine import closed_form_scores, gradients, log_prob, resolve
 from gradkit.baselines import Baseline, Constant
 from gradkit.registry import ESTIMATORS, Estimator, Problem, register_estimator
 
-__all__ = ["measure_valued", "pathwise", "score", "score_function"]
+__all__ = [
+    "Pathwise",
+    "PathwiseEstimator",
+    "ScoreFunction",
+    "measure_valued",
+    "pathwise",
+    "score",
+    "score_function",
+]
 
 CostFn = Callable[[Tensor], Tensor]
 
@@ -89,10 +98,10 @@ class ScoreFunction(Estimator):
     r"""The score-function (REINFORCE, likelihood-ratio) estimator.
 
     Rows: :math:`(f(x_s) - b_s)\,\nabla_\theta \log p(x_s;\theta)`, one per sample. In
-    :func:`gradkit.expectation` only the mean is needed, and it is computed as the gradient of
-    :math:`\frac1S\sum_s (f(x_s) - b_s) \log p(x_s;\theta)` at the parameters themselves:
-    memory and time of ``O(parameter size + samples x batch)`` (no per-sample copies) unless
-    the baseline needs per-sample scores (:class:`gradkit.baselines.OptimalConstant`).
+    :func:`~gradkit.autodiff.expectation` only the mean is needed, and it is computed as the
+    gradient of :math:`\frac1S\sum_s (f(x_s) - b_s) \log p(x_s;\theta)` at the parameters
+    themselves: memory and time of ``O(parameter size + samples x batch)`` (no per-sample copies)
+    unless the baseline needs per-sample scores (:class:`gradkit.baselines.OptimalConstant`).
     """
 
     def check(self, problem: Problem, **options: Any) -> None:

@@ -116,7 +116,7 @@ class RaoBlackwell(ScoreFunction):
         \sum_{c\in C} q(c)\,(f(c) - b_s)\,s(c) + (1 - q(C))\,(f(\tilde z_s) - b_s)\,
         s(\tilde z_s)
 
-    (Liu et al. 2019). Its value in :func:`gradkit.expectation` is the matching estimate
+    (Liu et al. 2019). Its value in :func:`~gradkit.autodiff.expectation` is the matching estimate
     :math:`\sum_{c\in C} q(c) f(c) + (1 - q(C))\,\overline{f(\tilde z)}`, with ``f``
     evaluated with gradients on at the summed categories too.
     """
@@ -217,7 +217,7 @@ def sum_and_sample(
     :math:`C` alone do not average to zero. ``num_summed=0`` is the plain score-function
     estimator; ``num_summed=K`` is exact (zero variance). Each estimate costs ``num_summed``
     evaluations of ``f`` shared by all samples, plus one per sample. Registered as
-    ``"rao_blackwell"`` for :func:`gradkit.expectation`.
+    ``"rao_blackwell"`` for :func:`~gradkit.autodiff.expectation`.
 
     Args:
         f: cost, samples ``(S, *batch_shape)`` (category indices) -> ``(S, *T)`` for a single
@@ -342,6 +342,7 @@ def variance_sweep(
         baselines: column label -> baseline option of :func:`sum_and_sample` (``None``, a
             number or a :class:`~gradkit.baselines.Baseline`); default
             ``{"Rao-Blackwellised": None}``.
+        plate: declare one cost per categorical (needed for a batch of categoricals).
 
     Returns:
         one dict per :math:`k`, in the order given, with keys ``"k"``, ``"top-k mass"``
@@ -361,6 +362,7 @@ def variance_sweep(
         {'k': 3, 'top-k mass': 1.0, 'Rao-Blackwellised': 0.0, 'plain, k + 1 samples': ...}
     """
     dist = _check_dist(dist)
+    _check_plate(dist, plate)  # before the plain estimator runs on an undeclared plate
     _checks.check_num_samples(num_samples, 2, "a variance needs two estimates")
     ks = list(num_summed)
     if not ks:
@@ -447,6 +449,7 @@ def check_unbiased(
         num_samples: estimates ``n >= 2``.
         num_summed: categories summed exactly, as for :func:`sum_and_sample`.
         baseline: as for :func:`sum_and_sample`.
+        plate: declare one cost per categorical (needed for a batch of categoricals).
 
     Returns:
         an :class:`UnbiasednessCheck` of Python floats.

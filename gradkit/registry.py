@@ -13,8 +13,8 @@ with :func:`register_estimator`, in the style of :func:`torch.distributions.kl.r
 after which ``gk.ESTIMATORS["my_reinforce"](f, dist, n)`` returns per-sample estimates and
 ``gk.expectation(f, dist, n, estimator="my_reinforce", scale=2.0)`` trains with it. The
 estimator receives a :class:`Problem`: the forward pass's samples and values, the cost (in
-:func:`gradkit.expectation`'s backward pass already contracted with the upstream gradient),
-whether the caller declared a plate, and the call's random stream. It returns one row per
+:func:`~gradkit.autodiff.expectation`'s backward pass already contracted with the upstream
+gradient), whether the caller declared a plate, and the call's random stream. It returns one row per
 sample (or per group of samples that only make sense together) for each parameter; the mean
 over rows is the estimate.
 
@@ -99,7 +99,7 @@ class Problem:
         resolved: the distribution, read once (:class:`gradkit._engine.Resolved`).
         dist: the distribution.
         names: the parameters to estimate (all of them for the per-sample interface; those that
-            require grad in :func:`gradkit.expectation`).
+            require grad in :func:`~gradkit.autodiff.expectation`).
         num_samples: ``S``.
         plate: whether the caller declared the batch dimensions a plate.
         stream: the call's random numbers (:class:`gradkit._engine.Stream`).
@@ -250,8 +250,8 @@ class Problem:
     def to_signal_units(self, value: Tensor, name: str | None = None) -> Tensor:
         """A per-sample quantity in the units of ``f`` (a baseline) -> the signal's units.
 
-        In :func:`gradkit.expectation`'s backward pass the signal is ``f`` contracted with the
-        upstream gradient ``g``: a baseline computed in the forward pass is weighted by ``g``
+        In :func:`~gradkit.autodiff.expectation`'s backward pass the signal is ``f`` contracted with
+        the upstream gradient ``g``: a baseline computed in the forward pass is weighted by ``g``
         per plate element, or by the mean of ``g`` for a coupled cost (any fixed weighting
         keeps the estimate unbiased). ``name`` aligns a per-parameter value ``(S, *param)``.
         """
@@ -344,7 +344,7 @@ class Estimator:
         biased: ``True`` for estimators that are biased by design (relaxations,
             straight-through).
         reparameterised: the forward samples carry the gradient (pathwise estimators);
-            :func:`gradkit.expectation` then lets autograd differentiate through them.
+            :func:`~gradkit.autodiff.expectation` then lets autograd differentiate through them.
         benefits_from_plate: a declared plate lowers the variance or the cost (used for the
             one-time :class:`PlateHint`).
         min_samples: the fewest samples a call needs.
@@ -364,7 +364,7 @@ class Estimator:
     # -- to override --------------------------------------------------------------------------
 
     def check(self, problem: Problem, **options: Any) -> None:
-        """Refuse what the estimator cannot do (default: a family outside :attr:`families`)."""
+        """Refuse what the estimator cannot do (default: a family outside ``families``)."""
         if self.families is None:
             return
         base = problem.resolved.base
@@ -382,7 +382,7 @@ class Estimator:
             return problem.dist.sample((problem.num_samples,))
 
     def path(self, dist: Distribution, sample_shape: tuple[int, ...]) -> Tensor:
-        """Reparameterised samples (for :attr:`reparameterised` estimators)."""
+        """Reparameterised samples (for ``reparameterised`` estimators)."""
         raise NotImplementedError(f"the {self.name} estimator has no reparameterised path")
 
     def prepare(self, problem: Problem, **options: Any) -> Any:
@@ -551,7 +551,8 @@ def register_estimator(
     biased: bool | None = None,
     replace: bool = False,
 ) -> Callable[[_E], _E]:
-    r"""Register an estimator under ``name`` for :func:`gradkit.expectation` and ``gk.ESTIMATORS``.
+    r"""Register an estimator under ``name`` for :func:`~gradkit.autodiff.expectation` and
+    ``gk.ESTIMATORS``.
 
     Decorates a plain function ``fn(problem, *, **options) -> {name: rows}`` (its keyword-only
     arguments are the estimator's options), an :class:`Estimator` subclass (instantiated with
@@ -564,7 +565,7 @@ def register_estimator(
         families: the base distribution types the estimator supports (``None``: any); a
             distribution outside them is refused with an error that lists them.
         biased: whether the estimator is biased by design (default: the class's own
-            :attr:`Estimator.biased`, ``False`` for a function).
+            ``Estimator.biased``, ``False`` for a function).
         replace: replace an estimator registered under ``name``.
 
     Returns:

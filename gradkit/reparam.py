@@ -53,6 +53,9 @@ from gradkit.estimators import PathwiseEstimator
 from gradkit.registry import ESTIMATORS, Problem, register_estimator
 
 __all__ = [
+    "GumbelSoftmax",
+    "ImplicitPathwise",
+    "StraightThroughGumbel",
     "beta_cdf",
     "categorical_gradient",
     "differentiable_cdf",

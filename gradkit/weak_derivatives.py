@@ -596,9 +596,9 @@ class MeasureValued(Estimator):
     f(x^{(i,-)}))` from the weak derivatives registered with :func:`register_weak_derivative`.
 
     Its random draws (the perturbations) come from the call's stream: in
-    :func:`gradkit.expectation` they are made in the backward pass, for the cost contracted
-    with the upstream gradient, and the same generator state gives the same perturbations.
-    """
+    :func:`~gradkit.autodiff.expectation` they are made in the backward pass, for the cost
+    contracted with the upstream gradient, and the same generator state gives the same
+    perturbations."""
 
     def targets(
         self,

@@ -17,8 +17,7 @@ from torch.distributions import Bernoulli, Normal, kl_divergence
 import gradkit as gk
 from gradkit import quadrature
 from gradkit.models import logistic as L
-
-Z = 4.5
+from tests.stats import Z, assert_unbiased
 
 X = torch.tensor([[1.0, 0.5], [1.0, -1.2], [1.0, 2.0], [1.0, 0.1], [1.0, -0.7], [1.0, 1.3]])
 Y = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 1.0])
@@ -95,8 +94,16 @@ CONFIGS = {
         "score_function",
         {"baseline": gk.baselines.ExponentialMovingAverage(0.0)},
     ),
-    "score_function+delta": ("score_function", {"baseline": gk.control_variates.DeltaMethod()}),
+    "score_function+delta": (
+        "score_function",
+        {"control_variate": gk.control_variates.DeltaMethod()},
+    ),
+    "pathwise+delta": ("pathwise", {"control_variate": gk.control_variates.DeltaMethod()}),
     "measure_valued": ("measure_valued", {}),
+    "measure_valued+delta": (
+        "measure_valued",
+        {"control_variate": gk.control_variates.DeltaMethod()},
+    ),
 }
 
 
@@ -106,9 +113,7 @@ def test_every_estimator_matches_the_exact_gradient(config):
     model = tiny_model()
     exact = exact_gradient(model)
     g = L.gradient_estimates(model, X, Y, 40_000, estimator=estimator, **options)
-    for name in ("loc", "scale"):
-        mean, se = g[name].mean(0), g[name].std(0) / math.sqrt(g[name].shape[0])
-        assert torch.all((mean - exact[name]).abs() <= Z * se + 1e-6), (name, mean, exact, se)
+    assert_unbiased(g, exact, atol=1e-6)
 
 
 def test_elbo_backward_gives_the_estimators_gradient():
@@ -123,11 +128,31 @@ def test_elbo_backward_gives_the_estimators_gradient():
     assert torch.all((model.loc.grad - want).abs() <= Z * se)
 
 
-def test_gradient_estimates_leave_a_moving_average_untouched():
+def test_gradient_estimates_read_a_moving_average_without_updating_it():
+    model = tiny_model()
     ema = gk.baselines.ExponentialMovingAverage(0.5)
+    ema.update(torch.full((4,), -3.0))  # a history: the baseline is -3, not 0
     before = copy.deepcopy(vars(ema))
-    L.gradient_estimates(tiny_model(), X, Y, 4, estimator="score_function", baseline=ema)
+    g = L.gradient_estimates(
+        model, X, Y, 4, estimator="score_function", baseline=ema,
+        generator=torch.Generator().manual_seed(1),
+    )  # fmt: skip
     assert vars(ema) == before
+    want = L.gradient_estimates(
+        model, X, Y, 4, estimator="score_function", baseline=-3.0,
+        generator=torch.Generator().manual_seed(1),
+    )  # fmt: skip
+    for name in ("loc", "scale"):
+        torch.testing.assert_close(g[name], want[name])
+
+
+def test_training_updates_a_moving_average_once_per_step():
+    ema = gk.baselines.ExponentialMovingAverage(0.9)
+    L.train(
+        L.LogisticData(X, Y, X, Y), estimator="score_function", options={"baseline": ema},
+        steps=3, eval_every=1, eval_samples=8, variance_samples=8, progress=False,
+    )  # fmt: skip
+    assert ema.steps == 3  # the four variance measurements read it without updating it
 
 
 def test_training_raises_the_elbo():

@@ -8,19 +8,20 @@ are compared with the enumerated value within a few standard errors (seed fixed 
 from __future__ import annotations
 
 import itertools
-import math
+import warnings
 
 import matplotlib
 import pytest
 import torch
 from torch.distributions import Bernoulli, Multinomial
 
+import gradkit as gk
 from gradkit.data import reuters
 from gradkit.models import topic
+from tests.stats import Z, assert_unbiased
 
 matplotlib.use("Agg")
 
-Z = 4.5  # tolerance in standard errors
 V, K = 12, 3
 UNBIASED = [m for m, (_, biased) in topic.METHODS.items() if not biased]
 
@@ -65,11 +66,8 @@ def test_elbo_matches_enumeration(model, docs):
         torch.testing.assert_close(model.exact_log_marginal(docs), log_marginal)
         assert torch.all(elbo <= log_marginal + 1e-5)  # the gap is KL(q || posterior) >= 0
         logits = model.logits(docs)
-        n = 4000
-        z = model.posterior(docs).sample((n,))
-        samples = model.log_likelihood(docs, z) - model.kl(logits)
-        mean, se = samples.mean(0), samples.std(0) / math.sqrt(n)
-        assert torch.all((mean - elbo).abs() <= Z * se)
+        z = model.posterior(docs).sample((4000,))
+        assert_unbiased(model.log_likelihood(docs, z) - model.kl(logits), elbo)
         assert model.elbo(docs, num_samples=8).shape == (5,)
 
 
@@ -96,13 +94,22 @@ def test_logit_gradient_is_unbiased(model, docs, method):
     if method == "learned":  # a baseline far from the signal's mean still leaves no bias
         assert estimator.learned(docs).abs().min() > 10
     exact = topic.exact_logit_gradient(model, docs)
-    n = 3000
-    g = topic.logit_gradients(model, estimator, docs, replicates=n)
-    mean, se = g.mean(0), g.std(0) / math.sqrt(n)
-    assert torch.all((mean - exact).abs() <= Z * se + 1e-6), (mean, exact, se)
+    g = topic.logit_gradients(model, estimator, docs, replicates=3000)
+    assert_unbiased(g, exact, atol=1e-6)
     assert topic.summarise_logit_gradients(g, exact)["max_bias_z"] <= Z
     if method == "ema":
         assert estimator.baseline.steps == 3  # measuring left the average untouched
+
+
+@pytest.mark.parametrize("method", ["none", "ema", "learned", "loo", "straight_through"])
+def test_the_documents_are_declared_a_plate(model, docs, method, monkeypatch):
+    monkeypatch.setattr(gk.registry, "_hinted", set())  # the hint is issued once per process
+    estimator = make_estimator(method, docs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gk.PlateHint)
+        value, aux = estimator(model, docs, model.logits(docs))
+        (value.sum() + aux).backward()
+        topic.logit_gradients(model, estimator, docs, replicates=2)
 
 
 def test_straight_through_is_biased(model, docs):
@@ -123,13 +130,12 @@ def test_decoder_gets_ordinary_unbiased_gradient(model, docs, method):
     grads = torch.stack(
         [torch.autograd.grad(estimator(model, docs, logits)[0].sum(), weight)[0] for _ in range(n)]
     )
-    mean, se = grads.mean(0), grads.std(0) / math.sqrt(n)
-    assert torch.all((mean - exact).abs() <= Z * se + 1e-5)
+    assert_unbiased(grads, exact, atol=1e-5)
 
 
 def test_baselines_reduce_variance(model, docs):
     variance = {
-        m: topic.gradient_variance(model, make_estimator(m, docs), docs, replicates=200)
+        m: topic.encoder_gradient_variance(model, make_estimator(m, docs), docs, replicates=200)
         for m in ["none", "loo", "local_expectation"]
     }
     assert variance["loo"] < variance["none"] / 10
@@ -143,8 +149,10 @@ def test_moving_average_is_kept_in_nats_whatever_the_loss_scale(model, docs):
         value, _ = estimator(model, docs, model.logits(docs))
         (-value.sum() / docs.sum()).backward()
     assert estimator.baseline.steps == 5
-    none = topic.gradient_variance(model, make_estimator("none", docs), docs, replicates=200)
-    ema = topic.gradient_variance(model, estimator, docs, replicates=200)
+    none = topic.encoder_gradient_variance(
+        model, make_estimator("none", docs), docs, replicates=200
+    )
+    ema = topic.encoder_gradient_variance(model, estimator, docs, replicates=200)
     assert ema < none / 10, (ema, none)
 
 
@@ -152,7 +160,7 @@ def test_gradient_variance_matches_per_replicate_backward(model, docs):
     """The vmap'd vector-Jacobian product equals a plain backward pass per replicate."""
     estimator = make_estimator("loo", docs)
     torch.manual_seed(3)
-    fast = topic.gradient_variance(model, estimator, docs, replicates=6)
+    fast = topic.encoder_gradient_variance(model, estimator, docs, replicates=6)
     torch.manual_seed(3)
     g = topic.logit_gradients(model, estimator, docs, 6) / docs.sum()
     logits = model.logits(docs)
@@ -199,14 +207,14 @@ def test_compare_estimators_and_plots(docs):
     )  # fmt: skip
     assert [len(r) for r in runs.values()] == [2, 2]
     assert runs["learned"][0].eval_steps == [0, 2, 4]
-    stats = topic.summarise_runs(runs)
+    stats = topic.run_summary(runs)
     finals = torch.tensor([r.test_elbo[-1] for r in runs["learned"]], dtype=torch.float64)
     assert stats["learned"]["test_elbo"] == pytest.approx(float(finals.mean()))
     assert stats["learned"]["test_elbo_sd"] == pytest.approx(float(finals.std()))
     wall = sum(r.wall_time for r in runs["learned"])
     assert stats["learned"]["ms_per_step"] == pytest.approx(1000 * wall / 8)
     with pytest.raises(ValueError, match="'loo' has no runs"):
-        topic.summarise_runs({"loo": []})
+        topic.run_summary({"loo": []})
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots()
@@ -285,7 +293,9 @@ def test_estimator_errors(model, docs):
     with pytest.raises(ValueError, match="temperature must be positive"):
         topic.GradientEstimator("straight_through", 2, temperature=0.0)
     with pytest.raises(ValueError, match="replicates >= 2"):
-        topic.gradient_variance(model, topic.GradientEstimator("none", 2), docs, replicates=1)
+        topic.encoder_gradient_variance(
+            model, topic.GradientEstimator("none", 2), docs, replicates=1
+        )
 
 
 def test_training_errors(model, docs):

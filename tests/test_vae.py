@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -21,8 +22,7 @@ import gradkit.models
 import gradkit.weak_derivatives as wd_module
 from gradkit.data.mnist import MNIST_ENV
 from gradkit.models import vae as vae_module
-
-Z = 4.5  # tolerance in standard errors
+from tests.stats import Z
 
 
 def small_vae(dtype: torch.dtype = torch.float32) -> gradkit.models.VAE:
@@ -158,6 +158,16 @@ def test_decoder_evaluations_per_data_point(estimator, options, per_point):
     assert vae.decoded == per_point * 10  # the plate: not proportional to batch x z_dim
 
 
+@pytest.mark.parametrize("estimator", ["score_function", "measure_valued"])
+def test_the_data_points_are_declared_a_plate(estimator, monkeypatch):
+    vae, x = small_vae(), binary(6)
+    monkeypatch.setattr(gk.registry, "_hinted", set())  # the hint is issued once per process
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gk.PlateHint)
+        gradkit.models.elbo(vae, x, estimator=estimator, num_samples=2).sum().backward()
+        vae_module.latent_gradient_estimates(vae, x, estimator=estimator, repeats=2)
+
+
 def test_log_likelihood_is_the_bernoulli_log_density():
     vae = small_vae()
     x, z = binary(5), torch.randn(2, 5, 3)
@@ -215,7 +225,7 @@ def test_encoder_gradient_through_expectation_is_the_estimate_chained():
     vae.zero_grad()
     torch.manual_seed(3)
     q = vae.posterior(x)
-    g = gk.measure_valued(lambda z: vae.log_likelihood(x, z), q, 5)
+    g = gk.measure_valued(lambda z: vae.log_likelihood(x, z), q, 5, plate=True)
     mu, std = q.base_dist.loc, q.base_dist.scale
     surrogate = (mu * g["loc"].mean(0) + std * g["scale"].mean(0)).sum()
     (kl_divergence(q, vae.prior()).sum() - surrogate).backward()
@@ -262,7 +272,7 @@ def test_batched_engine_equals_a_per_dimension_loop(monkeypatch, coupling):
     with torch.no_grad():
         z = q.sample((4,))
         fz = f(z)
-        batched = wd_module.measure_valued_estimates(f, q, z, fz, coupling=coupling)
+        batched = wd_module.measure_valued_estimates(f, q, z, fz, coupling=coupling, plate=True)
         looped = reference_loop(f, q, z, fz, draws)
     for name in ("loc", "scale"):
         assert batched[name].shape == (4, 6, 3)
@@ -330,7 +340,7 @@ def test_training_rejects_bad_arguments():
         gradkit.models.train_vae(vae, x, estimator="reinforce", progress=False)
     with pytest.raises(ValueError, match="batch_size"):
         gradkit.models.train_vae(vae, x, batch_size=0, progress=False)
-    with pytest.raises(TypeError, match="takes options"):
+    with pytest.raises(TypeError, match=r"unexpected option\(s\) \['coupling'\]; it takes"):
         gradkit.models.train_vae(vae, x, epochs=1, coupling=False, progress=False)
     history = gradkit.models.train_vae(vae, x, epochs=0, progress=False)
     assert len(history) == 1 and math.isnan(history[0]["test_elbo"])

@@ -14,10 +14,11 @@ objective is the expected return over uniformly drawn contexts,
 Both are finite sums, so the learning curve of any policy and the optimal return are exact.
 :func:`train_reinforce` maximises :math:`J` with the score-function (REINFORCE) gradient
 :math:`\nabla_w J = \mathbb{E}\big[(r - b)\,\nabla_w \log \pi_w(a \mid c)\big]` (Williams 1992,
-``williams1992simple``), computed by :func:`gradkit.estimators.expectation` with
-``estimator="score_function"`` and any baseline from :mod:`gradkit.baselines`; every step draws
-a batch of contexts and several actions per context in one vectorised call, with no Python
-loop over episodes.
+``williams1992simple``), computed by
+:func:`gradkit.expectation <gradkit.autodiff.expectation>` with ``estimator="score_function"``,
+``plate=True`` (one reward per context) and any baseline from :mod:`gradkit.baselines`; every
+step draws a batch of contexts and several actions per context in one vectorised call, with no
+Python loop over episodes.
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Categorical
 
+from gradkit.autodiff import expectation
 from gradkit.baselines import Baseline, ExponentialMovingAverage, LeaveOneOut
 from gradkit.diagnostics import repeated_gradients
-from gradkit.estimators import expectation
 
 __all__ = [
     "BASELINES",
@@ -287,8 +288,9 @@ def surrogate_return(
 
     to the policy (Williams 1992, ``williams1992simple``), through
     ``gk.expectation(reward, policy.distribution(...), num_samples,
-    estimator="score_function", baseline=baseline)``. Each context is a plate: its actions'
-    rewards only multiply its own scores, and a leave-one-out baseline is formed per context.
+    estimator="score_function", plate=True, baseline=baseline)``. The contexts are declared a
+    plate: each context's actions' rewards only multiply its own scores, and a leave-one-out
+    baseline is formed per context.
 
     Args:
         bandit: the environment.
@@ -324,7 +326,7 @@ def surrogate_return(
         return bandit.reward(contexts, actions)
 
     value = expectation(
-        reward, dist, num_samples, estimator="score_function", baseline=baseline
+        reward, dist, num_samples, estimator="score_function", plate=True, baseline=baseline
     )  # (B,): one value per context
     return value.mean()
 

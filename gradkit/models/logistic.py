@@ -12,15 +12,16 @@ maximising the evidence lower bound
 
 (Jaakkola and Jordan 2000; Blei, Kucukelbir and McAuliffe 2017). The KL term is analytic; the
 gradient of the expected log-likelihood with respect to :math:`(m, s)` comes from the estimator
-the caller names through :func:`gradkit.estimators.expectation`, with
-:math:`q = \mathrm{Independent}(\mathrm{Normal}(m, s), 1)`. This is the benchmark of Mohamed,
-Rosca, Figurnov and Mnih (2020, §8.3): a problem small enough that every estimator can be run
-to convergence, on the breast-cancer data (:func:`load_breast_cancer_data`).
+the caller names through :func:`gradkit.expectation <gradkit.autodiff.expectation>`, with
+:math:`q = \mathrm{Independent}(\mathrm{Normal}(m, s), 1)`: one weight vector shared by all
+data points, so the cost is one number per sample and there is no plate to declare. This is
+the benchmark of Mohamed, Rosca, Figurnov and Mnih (2020, §8.3): a problem small enough that
+every estimator can be run to convergence, on the breast-cancer data
+(:func:`load_breast_cancer_data`).
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Mapping
@@ -33,6 +34,7 @@ from torch import Tensor, nn
 from torch.distributions import Independent, Normal
 
 import gradkit as gk
+from gradkit.models._baselines import measuring
 
 __all__ = [
     "BayesianLogisticRegression",
@@ -209,15 +211,17 @@ class BayesianLogisticRegression(nn.Module):
         r"""Monte Carlo ELBO whose gradient (``backward()``) is the named estimator's.
 
         :math:`\frac1S\sum_s \log p(y \mid X, w_s) - \mathrm{KL}`, :math:`w_s \sim q`, computed
-        with :func:`gradkit.estimators.expectation`.
+        with :func:`gradkit.expectation <gradkit.autodiff.expectation>`.
 
         Args:
             features: ``(N, D)``.
             labels: ``(N,)``.
             num_samples: :math:`S`.
             estimator: ``"pathwise"``, ``"score_function"`` or ``"measure_valued"``.
-            **options: the estimator's options (``baseline=`` a baseline or control variate
-                for the score function, ``coupling=`` for the measure-valued estimator).
+            **options: the estimator's options (``baseline=`` for the score function,
+                ``control_variate=`` such as :class:`gradkit.control_variates.DeltaMethod` for
+                every estimator, ``coupling=`` for the measure-valued estimator,
+                ``generator=``).
 
         Returns:
             a 0-dim tensor.
@@ -255,8 +259,9 @@ def gradient_estimates(
 ) -> dict[str, Tensor]:
     r"""Per-sample estimates of :math:`\nabla_{m, s}\, \mathbb{E}_q[\log p(y \mid X, w)]`.
 
-    Calls ``gk.ESTIMATORS[estimator]`` on the current posterior; a stateful baseline in
-    ``options`` (a moving average) is copied first, so measuring does not change training.
+    Calls ``gk.ESTIMATORS[estimator]`` on the current posterior. A baseline in ``options`` is
+    used without its update step (:meth:`gradkit.baselines.Baseline.update`), so measuring
+    leaves a moving average as training left it.
 
     Returns:
         ``{"loc": (S, D), "scale": (S, D)}``.
@@ -272,7 +277,7 @@ def gradient_estimates(
     """
     if estimator not in gk.ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; choose one of {sorted(gk.ESTIMATORS)}")
-    options = {k: copy.deepcopy(v) for k, v in options.items()}
+    options = measuring(options)
     with torch.no_grad():
         q = Independent(Normal(model.loc.detach(), model.scale.detach()), 1)
 
@@ -336,8 +341,9 @@ def train(
     Args:
         data: from :func:`load_breast_cancer_data`.
         estimator: ``"pathwise"``, ``"score_function"`` or ``"measure_valued"``.
-        options: the estimator's options, e.g. ``{"baseline":
-            gk.control_variates.DeltaMethod()}``; a stateful baseline is used as given.
+        options: the estimator's options, e.g. ``{"control_variate":
+            gk.control_variates.DeltaMethod()}``; a stateful baseline is updated by the
+            training steps only (the variance measurements read it without updating it).
         num_samples, steps, lr: optimisation settings.
         eval_every, eval_samples, variance_samples: measurement settings.
         seed: seeds the model's sampling (initialisation is deterministic).

@@ -23,14 +23,14 @@ has an analytic KL between factorised Bernoullis. :math:`\theta` gets the ordina
 the sampled log-likelihood; :math:`\lambda` needs a gradient estimator for a discrete
 distribution, chosen with :class:`GradientEstimator`: the score function (no baseline, moving
 average, learned input-dependent :math:`C(x)`, leave-one-out) through
-:func:`gradkit.estimators.expectation`, local expectation gradients, or the biased straight-through
-Gumbel estimator. :func:`train` runs the optimisation and records ELBO curves and the variance
-of the inference network's gradient.
+:func:`gradkit.expectation <gradkit.autodiff.expectation>` with ``plate=True`` (one cost per
+document), local expectation gradients, or the biased straight-through Gumbel estimator.
+:func:`train` runs the optimisation and records ELBO curves and the variance of the inference
+network's gradient.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -42,8 +42,8 @@ from torch import Tensor, nn
 from torch.distributions import Bernoulli, Independent, Multinomial, RelaxedBernoulli, kl_divergence
 from torch.func import functional_call, vjp, vmap
 
+from gradkit.autodiff import expectation
 from gradkit.baselines import ExponentialMovingAverage, LearnedBaseline, LeaveOneOut
-from gradkit.estimators import expectation
 
 __all__ = [
     "METHODS",
@@ -52,14 +52,14 @@ __all__ = [
     "GradientEstimator",
     "TrainingRun",
     "compare_estimators",
+    "encoder_gradient_variance",
     "exact_logit_gradient",
     "factor_words",
-    "gradient_variance",
     "logit_gradients",
     "plot_curves",
     "plot_factor_words",
+    "run_summary",
     "summarise_logit_gradients",
-    "summarise_runs",
     "train",
 ]
 
@@ -307,12 +307,13 @@ class GradientEstimator(nn.Module):
 
     * ``"none"``, ``"ema"``, ``"learned"``, ``"loo"``: the score function
       :math:`(\log p_\theta(x \mid z_s) - b)\,\nabla_\lambda \log q_\lambda(z_s \mid x)`
-      (Williams 1992) through :func:`gradkit.estimators.expectation` with
-      ``q = Independent(Bernoulli(logits), 1)`` and one learning signal per document (a plate);
-      the baseline :math:`b` is zero, an exponential moving average, a learned
-      :math:`C_\omega(x)` (:class:`DocumentBaseline` trained by L2 regression onto the signal,
-      averaged over the document's samples; Mnih and Gregor 2014) or the mean of the other
-      samples (Kool et al. 2019).
+      (Williams 1992) through :func:`gradkit.expectation <gradkit.autodiff.expectation>` with
+      ``q = Independent(Bernoulli(logits), 1)`` and ``plate=True``: one learning signal per
+      document, each document's logits credited with its own signal only; the baseline
+      :math:`b` is zero, an exponential moving average, a learned :math:`C_\omega(x)`
+      (:class:`DocumentBaseline` trained by L2 regression onto the signal, averaged over the
+      document's samples; Mnih and Gregor 2014) or the mean of the other samples (Kool et al.
+      2019).
     * ``"local_expectation"``: local expectation gradients (Titsias and Lázaro-Gredilla 2015).
       Each factor's expectation is summed out exactly given the others' sampled values,
       :math:`\partial_{\ell_j} = \psi_j(1-\psi_j)\,\mathbb{E}_{z_{-j}}[f(z_{-j}, 1) -
@@ -389,7 +390,8 @@ class GradientEstimator(nn.Module):
         ``(R, *B)`` for logits replicated ``R`` times to measure variance); its expectation is
         :math:`\\mathbb{E}_q[\\log p_\\theta(x \\mid z)]`. ``auxiliary_loss`` is the learned
         baseline's regression loss (zero otherwise): add it to the loss being minimised.
-        ``update=False`` leaves the moving average untouched.
+        ``update=False`` leaves the moving average untouched (its current value is read with
+        :meth:`~gradkit.baselines.Baseline.value`, which never changes it).
         """
 
         def f(z: Tensor) -> Tensor:
@@ -406,27 +408,26 @@ class GradientEstimator(nn.Module):
             def f_hard(y: Tensor) -> Tensor:
                 return f((y > 0.5).to(y) + y - y.detach())
 
-            return expectation(f_hard, relaxed, self.num_samples, estimator="pathwise"), zero
+            value = expectation(f_hard, relaxed, self.num_samples, estimator="pathwise", plate=True)
+            return value, zero
         q = Independent(Bernoulli(logits=logits), 1)
         if self.method == "learned":
             assert self.learned is not None
-            prediction = self.learned(docs)
+            c = self.learned(docs)  # C(x), one prediction per document
             value = expectation(
-                f, q, self.num_samples, estimator="score_function", baseline=prediction
+                f, q, self.num_samples, estimator="score_function", plate=True, baseline=c
             )
-            return value, self.learned.loss(prediction, value.detach())
-        if self.method == "ema":
-            # The average of past signals, in nats whatever scale the caller's loss has: its
-            # current value (read from a copy) is passed as a constant, and this step's mean
-            # signal is recorded afterwards.
-            past = copy.deepcopy(self.baseline)(logits.new_zeros(1), {}).squeeze(0)
-            value = expectation(f, q, self.num_samples, estimator="score_function", baseline=past)
-            if update:
-                self.baseline(value.detach(), {})
-            return value, zero
-        return expectation(
-            f, q, self.num_samples, estimator="score_function", baseline=self.baseline
-        ), zero
+            return value, self.learned.loss(c, value.detach())
+        baseline = self.baseline
+        if self.method == "ema" and not update:
+            # The estimator reads the moving average and then records this call's signal, in
+            # nats whatever scale the caller's loss has. To measure without recording, pass the
+            # average's current value (value() never changes it) as a constant.
+            baseline = self.baseline.value(logits.new_zeros(1), {})
+        value = expectation(
+            f, q, self.num_samples, estimator="score_function", plate=True, baseline=baseline
+        )
+        return value, zero
 
     def _local_expectation(self, f: Any, logits: Tensor) -> Tensor:
         k = logits.shape[-1]
@@ -516,7 +517,7 @@ def logit_gradients(
     return torch.autograd.grad(value.sum(), leaf)[0]
 
 
-def gradient_variance(
+def encoder_gradient_variance(
     model: BernoulliTopicModel, estimator: GradientEstimator, docs: Tensor, replicates: int = 16
 ) -> float:
     r"""Total variance :math:`\mathrm{tr}\,\mathrm{Cov}[\hat g]` of the inference network gradient.
@@ -526,15 +527,16 @@ def gradient_variance(
     :math:`\sum_b \mathrm{ELBO}(x_b) / \sum_b n(x_b)` (its analytic KL part is exact and adds no
     variance). ``replicates`` independent estimates at fixed parameters are computed in one
     pass: :func:`logit_gradients`, then the encoder's vector-Jacobian product vectorised over
-    replicates with ``torch.func.vmap``.
+    replicates with ``torch.func.vmap``. (:func:`gradkit.diagnostics.gradient_variance` only
+    reduces estimates it is given; this function draws them, for the encoder's weights.)
 
     Example:
         >>> import torch
         >>> from gradkit.models.topic import BernoulliTopicModel, GradientEstimator
-        >>> from gradkit.models.topic import gradient_variance
+        >>> from gradkit.models.topic import encoder_gradient_variance
         >>> model = BernoulliTopicModel(vocab_size=20, num_factors=3)
         >>> docs, _ = model.sample(num_docs=4, doc_length=10)
-        >>> gradient_variance(model, GradientEstimator("loo", 4), docs) > 0
+        >>> encoder_gradient_variance(model, GradientEstimator("loo", 4), docs) > 0
         True
     """
     if replicates < 2:
@@ -601,8 +603,8 @@ def train(
     analytic KL and maximises the batch's ELBO per token (plus, for ``"learned"``, minimises
     the baseline's regression loss). Every ``eval_every`` steps the training and held-out ELBO
     per token are estimated with ``eval_samples`` draws per document; every
-    ``variance_every`` steps, from the start, :func:`gradient_variance` is measured on the first
-    ``variance_docs`` training documents.
+    ``variance_every`` steps, from the start, :func:`encoder_gradient_variance` is measured on
+    the first ``variance_docs`` training documents.
 
     Args:
         model: the model, trained in place.
@@ -659,7 +661,7 @@ def train(
     for step in bar:
         if (step - 1) % variance_every == 0:  # before this step's update: step - 1 updates done
             run.variance_steps.append(step - 1)
-            run.grad_variance.append(gradient_variance(model, estimator, probe, replicates))
+            run.grad_variance.append(encoder_gradient_variance(model, estimator, probe, replicates))
         started = time.perf_counter()
         index = torch.randint(len(train_docs), (batch_size,), device=train_docs.device)
         docs = train_docs[index]
@@ -721,7 +723,7 @@ def compare_estimators(
     return runs
 
 
-def summarise_runs(runs: Mapping[str, Sequence[TrainingRun]]) -> dict[str, dict[str, float]]:
+def run_summary(runs: Mapping[str, Sequence[TrainingRun]]) -> dict[str, dict[str, float]]:
     """One row of numbers per method, over its runs (seeds).
 
     Returns method -> ``test_elbo`` and ``test_elbo_sd`` (final held-out ELBO per token, mean
@@ -730,9 +732,9 @@ def summarise_runs(runs: Mapping[str, Sequence[TrainingRun]]) -> dict[str, dict[
     run) and ``ms_per_step``.
 
     Example:
-        >>> from gradkit.models.topic import TrainingRun, summarise_runs
+        >>> from gradkit.models.topic import TrainingRun, run_summary
         >>> run = TrainingRun("loo", [0, 10], [-3.0, -2.5], [-3.1, -2.6], [0], [4.0], 0.5)
-        >>> summarise_runs({"loo": [run]})["loo"]["ms_per_step"]
+        >>> run_summary({"loo": [run]})["loo"]["ms_per_step"]
         50.0
     """
     out = {}

@@ -12,13 +12,14 @@ diagonal Gaussian encoder :math:`q_\phi(z \mid x) = \mathcal N(\mu_\phi(x), \mat
 
 The KL term is analytic. The gradient of the reconstruction term with respect to the encoder
 outputs :math:`(\mu, \sigma)` is a Monte Carlo estimate from the estimator the caller names
-(``"pathwise"``, ``"score_function"``, ``"measure_valued"``), through
-:func:`~gradkit.estimators.expectation` with
+(``"pathwise"``, ``"score_function"``, ``"measure_valued"`` or any other name in
+``gk.ESTIMATORS``), through :func:`gradkit.expectation <gradkit.autodiff.expectation>` with
 :math:`q = \mathrm{Independent}(\mathrm{Normal}(\mu, \sigma), 1)` and the cost
-:math:`f(z) = \log p_\theta(x\mid z)` returning one value per sample and data point (the plate
-case: the measure-valued estimator costs :math:`1 + 3 \dim z` decoder evaluations per data
-point with coupling, :math:`1 + 4 \dim z` without, batched over the whole mini-batch). The
-decoder always gets its ordinary gradient.
+:math:`f(z) = \log p_\theta(x\mid z)` returning one value per sample and data point, declared
+with ``plate=True``: each data point's encoder outputs are credited with its own term only, and
+the measure-valued estimator costs :math:`1 + 3 \dim z` decoder evaluations per data point
+with coupling, :math:`1 + 4 \dim z` without, batched over the whole mini-batch. The decoder
+always gets its ordinary gradient.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from torch.distributions import Independent, Normal, kl_divergence
 
 import gradkit as gk
 from gradkit import _checks
+from gradkit.models._baselines import measuring
 
 __all__ = [
     "VAE",
@@ -184,8 +186,8 @@ def elbo(
 
     ``backward()`` gives the decoder its ordinary gradient, the encoder the analytic KL gradient
     plus the chosen estimator's estimate of :math:`\nabla_{\mu,\sigma}\mathbb E_q[\log
-    p_\theta(x\mid z)]` through :func:`~gradkit.estimators.expectation` (plate case: one value
-    per data point).
+    p_\theta(x\mid z)]` through :func:`gradkit.expectation <gradkit.autodiff.expectation>` with
+    ``plate=True`` (one term per data point, each depending only on its own :math:`z_b`).
 
     Args:
         model: the VAE.
@@ -193,7 +195,8 @@ def elbo(
         estimator: ``"pathwise"``, ``"score_function"`` or ``"measure_valued"``.
         num_samples: samples ``S`` of :math:`z` per data point.
         **options: passed to the estimator (``baseline=`` for the score function,
-            ``coupling=`` for the measure-valued estimator).
+            ``coupling=`` for the measure-valued estimator, ``control_variate=``,
+            ``generator=``).
 
     Returns:
         a tensor of shape ``(B,)``.
@@ -216,7 +219,12 @@ def elbo(
     """
     q = model.posterior(x)
     reconstruction = gk.expectation(
-        lambda z: model.log_likelihood(x, z), q, num_samples, estimator=estimator, **options
+        lambda z: model.log_likelihood(x, z),
+        q,
+        num_samples,
+        estimator=estimator,
+        plate=True,
+        **options,
     )
     return reconstruction - kl_divergence(q, model.prior())
 
@@ -411,7 +419,8 @@ def latent_gradient_estimates(
     encoder's weights receive through the chain rule; its spread across repeats is the
     estimator's noise. Each repeat is one training step's estimate (the mean of ``num_samples``
     per-sample estimates); the repeats run in one vectorised call by adding a leading batch
-    dimension of size ``repeats`` to :math:`q` (a plate).
+    dimension of size ``repeats`` to :math:`q`, declared a plate with the data points
+    (``plate=True``). A baseline in ``options`` is read but not updated.
 
     Args:
         model: the VAE (its parameters are not changed).
@@ -446,6 +455,6 @@ def latent_gradient_estimates(
     q = Independent(Normal(mu.expand(repeats, *mu.shape), std.expand(repeats, *std.shape)), 1)
     with torch.no_grad():
         estimates = gk.ESTIMATORS[estimator](
-            lambda z: model.log_likelihood(x, z), q, num_samples, **options
+            lambda z: model.log_likelihood(x, z), q, num_samples, plate=True, **measuring(options)
         )
     return {name: g.mean(0) for name, g in estimates.items()}
