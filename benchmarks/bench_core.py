@@ -225,6 +225,27 @@ def scale_rows(sizes: Sequence[int] = (512, 4096), *, steps: int = 3) -> list[di
     return rows
 
 
+def plot(per_call: Any, scale: Any) -> Any:
+    """Milliseconds per call, and time and memory at scale, as one figure."""
+    import matplotlib.pyplot as plt
+
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(13, 3.6))
+    done = per_call.dropna(subset=["ms_per_call"])
+    left.barh(done["implementation"], done["ms_per_call"], color="tab:blue")
+    left.set(xscale="log", xlabel="ms per call (one Bernoulli, 100 samples, leave-one-out)")
+    left.invert_yaxis()
+    for label, rows in scale.groupby("implementation", sort=False):
+        middle.plot(rows["samples"], rows["ms_per_step"], "o-", label=label)
+        right.plot(rows["samples"], rows["peak_mb_above_start"], "o-", label=label)
+    middle.set(
+        xscale="log", xlabel="samples", ylabel="ms per step", title="Categorical (64, 10000)"
+    )
+    right.set(xscale="log", xlabel="samples", ylabel="peak MB above start")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def run(out: Path = RESULTS, *, quick: bool = False, peers: Sequence[str] | None = None) -> None:
     """Run both measurements and write ``core_per_call`` and ``core_scale`` under ``out``."""
     import pandas as pd
@@ -244,12 +265,17 @@ def run(out: Path = RESULTS, *, quick: bool = False, peers: Sequence[str] | None
     )
     sizes = (64,) if quick else (512, 4096)
     scale = pd.DataFrame(scale_rows(sizes, steps=1 if quick else 3))
+    fig = plot(per_call, scale)
     write_results(
         Path(out),
         "core_scale",
         scale,
+        fig=fig,
         meta={"quick": quick, "logits_shape": [64, 10_000], "sizes": list(sizes)},
     )
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

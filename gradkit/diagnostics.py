@@ -258,7 +258,9 @@ def gradient_moments(
         num_samples: samples per call.
         repeats: number of calls.
         exact: optional dict name -> exact gradient, to get bias and z-scores.
-        **options: passed to the estimator (``baseline=``, ``coupling=``).
+        **options: passed to the estimator (``baseline=``, ``coupling=``, ``plate=``,
+            ``control_variate=``); a ``generator=`` is shared by the runs and advances from
+            one to the next.
 
     Returns:
         dict name -> :class:`GradientSummary` with ``count = num_samples * repeats``.
@@ -274,7 +276,7 @@ def gradient_moments(
         >>> s["loc"].mean, s["loc"].variance, s["loc"].count
         (tensor(3.), tensor(0.), 8)
     """
-    from gradkit.estimators import ESTIMATORS
+    from gradkit.registry import ESTIMATORS
 
     if isinstance(estimator, str):
         if estimator not in ESTIMATORS:

@@ -505,7 +505,7 @@ def variance_study(
         >>> [(r["param"], round(r["exact"], 10)) for r in rows]  # d/dmu (x-k) = 1, d/dsigma = z
         [('loc', 0.0), ('scale', 1.0)]
     """
-    from gradkit.estimators import ESTIMATORS
+    from gradkit.registry import ESTIMATORS
 
     missing = sorted(set(costs) - set(ks))
     if missing:

@@ -468,6 +468,19 @@ class Estimator:
         generator: torch.Generator | None = None,
         **options: Any,
     ) -> dict[str, Tensor]:
+        if torch.is_inference_mode_enabled():
+            # the per-sample gradients need autograd, and tensors made in inference mode (the
+            # samples, the signal) cannot be saved for backward: run the call outside it
+            with torch.inference_mode(False), torch.no_grad():
+                return self(
+                    f,
+                    dist,
+                    num_samples,
+                    control_variate=control_variate,
+                    plate=plate,
+                    generator=generator,
+                    **options,
+                )
         options = self.validate(options)
         problem = self.problem(
             f, dist, num_samples, plate=plate, generator=generator, options=options

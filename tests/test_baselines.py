@@ -2,9 +2,9 @@
 
 Unbiasedness is checked on many independent replicas at once: a distribution with a batch of
 R identical parameter elements and an f that returns one cost per element (the plate case),
-so each replica has its own S samples and its own baseline. The R replica means are
-independent, which gives an exact standard error; S is kept small so that a baseline that
-used its own sample (bias of order 1/S) would be caught.
+so each replica has its own S samples and its own baseline. The replicas are a declared plate
+(``plate=True``). The R replica means are independent, which gives an exact standard error; S
+is kept small so that a baseline that used its own sample (bias of order 1/S) would be caught.
 """
 
 import math
@@ -74,7 +74,7 @@ CASES = {
 def warmed_ema(f, dist):
     """An EMA baseline that has seen one earlier, independent batch of signals."""
     ema = ExponentialMovingAverage(decay=0.9)
-    gk.score_function(f, dist, S, baseline=ema)
+    gk.score_function(f, dist, S, baseline=ema, plate=True)
     return ema
 
 
@@ -100,7 +100,7 @@ def test_baseline_keeps_estimator_unbiased(case, baseline):
     make_dist, f, exact, mean_f = CASES[case]
     dist = make_dist()
     b = BASELINES[baseline](f, dist, mean_f)
-    estimates = gk.score_function(f, dist, S, baseline=b)
+    estimates = gk.score_function(f, dist, S, baseline=b, plate=True)
     for name, summary in replica_summary(estimates, exact).items():
         assert summary.within(4), (name, summary.mean, summary.exact, summary.z_score)
 
@@ -207,13 +207,145 @@ def test_ema_tracks_the_mean_signal_and_lowers_variance():
 
 def test_ema_bias_correction_and_per_element_state():
     ema = ExponentialMovingAverage(decay=0.5, per_element=True)
-    first = ema(torch.tensor([[1.0, 10.0], [3.0, 30.0]]), {})
-    assert torch.equal(first, torch.zeros(2, 2))
-    second = ema(torch.tensor([[0.0, 0.0], [0.0, 0.0]]), {})
-    assert torch.allclose(second, torch.tensor([[2.0, 20.0], [2.0, 20.0]]))
-    # third step: average = 0.5 * (0.5 * m1) + 0, bias-corrected by 1 - 0.25
+    first = torch.tensor([[1.0, 10.0], [3.0, 30.0]])
+    assert torch.equal(ema(first, {}), torch.zeros(2, 2))  # no history yet
+    ema.update(first)  # average 0.5 * (2, 20), weight 0.5
+    assert torch.allclose(ema(torch.zeros(2, 2), {}), torch.tensor([[2.0, 20.0], [2.0, 20.0]]))
+    ema.update(torch.zeros(2, 2))  # average 0.25 * (2, 20), weight 1 - 0.25
     third = ema(torch.zeros(2, 2), {})
     assert torch.allclose(third, torch.tensor([[2.0, 20.0]]) * 0.25 / 0.75)
+    with pytest.raises(ValueError, match="per_element=True needs the same batch elements"):
+        ema(torch.zeros(2, 3), {})
+
+
+def ema_by_hand(means, decay, *, zero_debias, early_training):
+    """The baseline before each call: b_t = a_{t-1} / w_{t-1} (or a_{t-1}), a_0 = w_0 = 0.
+
+    a_t = d_t a_{t-1} + (1 - d_t) m_t, w_t = d_t w_{t-1} + (1 - d_t) = 1 - prod_u d_u, with
+    d_t = min(decay, (1 + t) / (10 + t)) for t = 0, 1, ... under early_training, else decay.
+    """
+    average = weight = 0.0
+    out = []
+    for t, m in enumerate(means):
+        out.append(0.0 if t == 0 else (average / weight if zero_debias else average))
+        d = min(decay, (1 + t) / (10 + t)) if early_training else decay
+        average = d * average + (1 - d) * m
+        weight = d * weight + (1 - d)
+    return out
+
+
+@pytest.mark.parametrize("early_training", [False, True])
+@pytest.mark.parametrize("zero_debias", [True, False])
+def test_ema_against_hand_computation(zero_debias, early_training):
+    means = [4.0, -2.0, 7.0, 1.0, 3.0]
+    ema = ExponentialMovingAverage(0.9, zero_debias=zero_debias, early_training=early_training)
+    expected = ema_by_hand(means, 0.9, zero_debias=zero_debias, early_training=early_training)
+    for t, (m, b) in enumerate(zip(means, expected, strict=True)):
+        signal = m + torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64)  # mean m
+        value = ema(signal, {})
+        assert value.shape == (3,) and value.dtype == torch.float64
+        assert torch.allclose(value, torch.full((3,), b, dtype=torch.float64)), (t, value, b)
+        ema.update(signal)
+        assert ema.steps == t + 1
+    # spot checks of the formula: the debiased first value is the first mean exactly, and the
+    # early-training decays are 0.1, 2/11, 3/12, ...
+    assert expected[1] == pytest.approx(
+        4.0 if zero_debias else (0.9 if early_training else 0.1) * 4
+    )
+    if early_training and zero_debias:
+        a2 = (2 / 11) * 0.9 * 4.0 + (9 / 11) * -2.0
+        assert expected[2] == pytest.approx(a2 / ((2 / 11) * 0.9 + 9 / 11))
+    # the comparison is tight enough to tell the other decay schedule apart
+    wrong = ema_by_hand(means, 0.9, zero_debias=zero_debias, early_training=not early_training)
+    assert abs(wrong[-1] - expected[-1]) > 1e-3
+
+
+def test_baseline_value_is_pure_and_update_folds_state():
+    ema = ExponentialMovingAverage(decay=0.5)
+    ema.update(torch.full((4,), 2.0))
+    before = (ema.average.clone(), ema.steps, ema.weight)
+    signal = torch.tensor([10.0, 20.0, 30.0, 40.0])
+    values = [ema.value(signal, {}), ema(signal, {}), ema.value(signal, {})]
+    assert torch.equal(values[0], values[2]) and torch.equal(values[1], torch.full((4,), 2.0))
+    assert torch.equal(ema.average, before[0]) and (ema.steps, ema.weight) == before[1:]
+    ema.update(signal)  # average 0.5 * 1 + 0.5 * 25 = 13, weight 0.75
+    assert ema.steps == 2 and float(ema.average) == pytest.approx(13.0)
+    assert float(ema(signal, {})[0]) == pytest.approx(13.0 / 0.75)
+    # stateless baselines: update is a no-op, value does not depend on earlier calls
+    loo = LeaveOneOut()
+    loo.update(signal)
+    assert torch.equal(loo(torch.tensor([1.0, 2.0, 6.0]), {}), torch.tensor([4.0, 3.5, 1.5]))
+
+
+class Recording(Baseline):
+    """A constant baseline that records the order of value and update calls and their signals."""
+
+    def __init__(self, constant=0.0):
+        self.constant, self.log = constant, []
+
+    def value(self, signal, scores):
+        self.log.append(("value", signal.clone()))
+        return torch.full_like(signal, self.constant)
+
+    def update(self, signal):
+        self.log.append(("update", signal.clone()))
+
+
+def test_score_function_updates_once_per_call_after_using_the_value():
+    dist = Normal(torch.tensor([0.5, -1.0]), torch.ones(2))
+    b = Recording()
+    seen = []
+
+    def f(x):
+        seen.append(x)
+        return quadratic(x)
+
+    gk.score_function(f, dist, 6, baseline=b, plate=True)
+    assert [kind for kind, _ in b.log] == ["value", "update"]
+    assert torch.equal(b.log[1][1], quadratic(seen[0]))  # the signal of this call, (S, 2)
+    # with a control variate the estimator runs twice, but the baseline is updated once
+    b.log.clear()
+    cv = gk.control_variates.DeltaMethod()
+    gk.score_function(quadratic, dist, 6, baseline=b, control_variate=cv, plate=True)
+    assert [kind for kind, _ in b.log].count("update") == 1 and b.log[-1][0] == "update"
+
+
+@pytest.mark.parametrize("estimator", ["score_function", "rao_blackwell"])
+def test_expectation_updates_once_per_call_in_the_units_of_f(estimator):
+    if estimator == "score_function":
+        param = torch.tensor([0.5, -1.0], requires_grad=True)
+        f = quadratic
+    else:
+        param = torch.tensor([0.2, -0.1, 0.4], requires_grad=True)
+        f = lambda z: torch.tensor([1.0, -2.0, 4.0])[z]  # noqa: E731
+    b = Recording()
+    for step in range(1, 4):
+        if estimator == "score_function":
+            dist = Normal(param, torch.ones(2))
+        else:
+            dist = torch.distributions.Categorical(logits=param)
+        value = gk.expectation(f, dist, 8, estimator=estimator, baseline=b, plate=True)
+        assert [kind for kind, _ in b.log].count("update") == step  # in the forward pass
+        (1e-3 * value.sum()).backward()  # a loss on another scale: the baseline never sees it
+        kinds = [kind for kind, _ in b.log]
+        assert kinds.count("update") == step and kinds[-1] == "update"
+        assert float(b.log[-1][1].abs().min()) > 0.5  # f's own values, not 1e-3 f
+
+
+def test_ema_through_expectation_and_score_function_counts_calls():
+    loc = torch.zeros(3, requires_grad=True)
+    dist = Normal(loc, torch.ones(3))
+    ema = ExponentialMovingAverage(decay=0.5)
+    for _ in range(4):
+        value = gk.expectation(
+            quadratic, dist, 16, estimator="score_function", baseline=ema, plate=True
+        )
+        value.sum().backward()
+    assert ema.steps == 4
+    gk.score_function(
+        quadratic, Normal(torch.zeros(3), torch.ones(3)), 16, baseline=ema, plate=True
+    )
+    assert ema.steps == 5
 
 
 def test_leave_one_out_and_optimal_constant_values():
@@ -242,8 +374,8 @@ def test_learned_baseline_prediction_used_as_constant():
 
     big = Normal(u.repeat(40), torch.full((512 * 40,), SIGMA))
     prediction = learned(features.repeat(40, 1))
-    with_learned = gk.score_function(quadratic, big, S, baseline=prediction)
-    plain = gk.score_function(quadratic, big, S)
+    with_learned = gk.score_function(quadratic, big, S, baseline=prediction, plate=True)
+    plain = gk.score_function(quadratic, big, S, plate=True)
     exact = {"loc": 2 * u.repeat(40), "scale": torch.full((512 * 40,), 2 * SIGMA)}
     # each replica's mean, centred by its exact gradient, should average to zero
     for name in ("loc", "scale"):
@@ -257,7 +389,9 @@ def test_learned_baseline_gets_no_gradient_from_the_estimator():
     loc = torch.zeros(5, requires_grad=True)
     dist = Normal(loc, torch.ones(5))
     prediction = learned(torch.ones(5, 1))
-    value = gk.expectation(quadratic, dist, 16, estimator="score_function", baseline=prediction)
+    value = gk.expectation(
+        quadratic, dist, 16, estimator="score_function", baseline=prediction, plate=True
+    )
     value.sum().backward()
     assert loc.grad is not None and loc.grad.shape == (5,)
     assert all(p.grad is None for p in learned.parameters())
@@ -273,6 +407,8 @@ def test_learned_baseline_shapes():
 class PerParameter(Baseline):
     """A per-parameter dict baseline: a different constant for each parameter."""
 
+    needs_scores = True  # a dict baseline is checked against (and aligned with) the scores
+
     def __init__(self, values):
         self.values = values
 
@@ -281,29 +417,45 @@ class PerParameter(Baseline):
 
 
 def same_draws(f, dist, num_samples, **options):
-    """Samples and estimates from the same random draws (score_function samples first)."""
-    torch.manual_seed(1)
-    x = dist.sample((num_samples,))
-    torch.manual_seed(1)
-    return x, gk.score_function(f, dist, num_samples, **options)
+    """The samples an estimator call drew, and its estimates (f records its first input)."""
+    seen = []
+
+    def recorded(x):
+        seen.append(x)
+        return f(x)
+
+    g = gk.score_function(recorded, dist, num_samples, **options)
+    return seen[0], g
 
 
+@pytest.mark.filterwarnings("ignore::gradkit.PlateHint")  # undeclared on purpose
 def test_per_parameter_dict_baseline():
     dist = Normal(torch.tensor([0.5, -1.0]), torch.tensor([1.0, 2.0]))
-    x, g = same_draws(quadratic, dist, 6, baseline=PerParameter({"loc": 1.0, "scale": 3.0}))
+    baseline = PerParameter({"loc": 1.0, "scale": 3.0})
+    x, g = same_draws(quadratic, dist, 6, baseline=baseline, plate=True)
     s = gk.score(dist, x)
     assert torch.allclose(g["loc"], (quadratic(x) - 1.0) * s["loc"])
     assert torch.allclose(g["scale"], (quadratic(x) - 3.0) * s["scale"])
+    # coupled: the summed signal less each parameter's constant
+    x, g = same_draws(quadratic, dist, 6, baseline=baseline)
+    s = gk.score(dist, x)
+    assert torch.allclose(g["loc"], (quadratic(x).sum(-1, keepdim=True) - 1.0) * s["loc"])
 
 
+@pytest.mark.filterwarnings("ignore::gradkit.PlateHint")  # undeclared on purpose
 def test_plate_signal_versus_coupled_signal():
     dist = Normal(torch.tensor([0.5, -1.0, 2.0]), torch.ones(3))
-    x, plate = same_draws(quadratic, dist, 5, baseline=1.0)
-    _, coupled = same_draws(lambda x: quadratic(x).sum(-1), dist, 5, baseline=1.0)
+    x, plate = same_draws(quadratic, dist, 5, baseline=1.0, plate=True)
     s = gk.score(dist, x)["loc"]
     # plate: element b is credited with its own cost only; coupled: with the summed cost
     assert torch.allclose(plate["loc"], (quadratic(x) - 1.0) * s)
+    x, coupled = same_draws(lambda x: quadratic(x).sum(-1), dist, 5, baseline=1.0)
+    s = gk.score(dist, x)["loc"]
     assert torch.allclose(coupled["loc"], (quadratic(x).sum(-1, keepdim=True) - 1.0) * s)
+    # the same elementwise cost without a declared plate is coupled as well
+    x, undeclared = same_draws(quadratic, dist, 5, baseline=1.0)
+    s = gk.score(dist, x)["loc"]
+    assert torch.allclose(undeclared["loc"], (quadratic(x).sum(-1, keepdim=True) - 1.0) * s)
 
 
 def test_baselines_keep_dtype():
@@ -323,7 +475,9 @@ def test_leave_one_out_baselines_need_two_samples(baseline):
 def test_wrong_shaped_baseline_tensor():
     dist = Normal(torch.zeros(5), torch.ones(5))
     with pytest.raises(ValueError, match="does not broadcast"):
-        gk.score_function(quadratic, dist, 4, baseline=torch.zeros(3))
+        gk.score_function(quadratic, dist, 4, baseline=torch.zeros(3), plate=True)
+    with pytest.raises(ValueError, match="does not broadcast"):  # one signal per sample
+        gk.score_function(quadratic, dist, 4, baseline=torch.zeros(5))
 
 
 @pytest.mark.parametrize("decay", [1.0, -0.1, "0.9", True, None])
@@ -342,7 +496,13 @@ def test_constant_must_be_a_number_or_tensor(value):
 def test_dict_baseline_errors():
     dist = Normal(torch.zeros(2), torch.ones(2))
     with pytest.raises(ValueError, match=r"without \['scale'\]"):
-        gk.score_function(quadratic, dist, 4, baseline=PerParameter({"loc": 1.0}))
+        gk.score_function(quadratic, dist, 4, baseline=PerParameter({"loc": 1.0}), plate=True)
     bad = PerParameter({"loc": torch.zeros(3), "scale": 0.0})
     with pytest.raises(ValueError, match="for parameter 'loc'.*does not broadcast"):
-        gk.score_function(quadratic, dist, 4, baseline=bad)
+        gk.score_function(quadratic, dist, 4, baseline=bad, plate=True)
+
+    class NoScores(PerParameter):
+        needs_scores = False
+
+    with pytest.raises(TypeError, match="needs_scores = True"):
+        gk.score_function(quadratic, dist, 4, baseline=NoScores({"loc": 1.0, "scale": 0.0}))

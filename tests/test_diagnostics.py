@@ -133,7 +133,9 @@ def test_repeated_gradients_of_a_stochastic_loss():
 
     def loss():
         dist = Normal(w, torch.ones(1))
-        return gk.expectation(lambda x: x**2, dist, num_samples, estimator="score_function").sum()
+        return gk.expectation(
+            lambda x: x**2, dist, num_samples, estimator="score_function", plate=True
+        ).sum()
 
     grads = repeated_gradients(loss, [w, unused], repeats)
     assert grads.shape == (repeats, 3)
@@ -230,14 +232,19 @@ def test_counting_cost_counts_rows_per_sample(estimator, options, per_sample):
     assert (cost.calls, cost.rows) == (0, 0)
 
 
-@pytest.mark.parametrize(("reduce", "coupled_rows"), [(False, 1 + 3), (True, 1 + 3 * 5)])
-def test_counting_cost_sees_the_plate_saving(reduce, coupled_rows):
-    # a batch of 5 independent Normals: with one value per element (a plate) the measure-valued
-    # estimator perturbs every element at once; a cost that sums over the batch couples them
+@pytest.mark.filterwarnings("ignore::gradkit.PlateHint")
+@pytest.mark.parametrize(
+    ("reduce", "plate", "rows_per_sample"),
+    [(False, True, 1 + 3), (False, False, 1 + 3 * 5), (True, False, 1 + 3 * 5)],
+)
+def test_counting_cost_sees_the_plate_saving(reduce, plate, rows_per_sample):
+    # a batch of 5 independent Normals: with one value per element declared a plate, the
+    # measure-valued estimator perturbs every element at once; undeclared, or a cost that sums
+    # over the batch, every element is perturbed on its own
     dist = Normal(torch.zeros(5), torch.ones(5))
     cost = CountingCost((lambda x: x.pow(2).sum(-1)) if reduce else torch.square, dist.batch_shape)
-    gk.measure_valued(cost, dist, 4)
-    assert cost.rows == coupled_rows * 4
+    gk.measure_valued(cost, dist, 4, plate=plate)
+    assert cost.rows == rows_per_sample * 4
 
 
 def test_counting_cost_passes_values_and_gradients_through():

@@ -7,6 +7,7 @@ through a closed-form expectation, within a tolerance of a few standard errors o
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -15,16 +16,11 @@ from hypothesis import strategies as st
 from torch import distributions as D
 
 import gradkit as gk
+from tests.stats import Z, assert_unbiased
 
-Z = 4.5  # tolerance in standard errors: a false alarm has probability ~1e-5 per coordinate
-
-
-def assert_unbiased(estimates, exact, z=Z):
-    for name, g in estimates.items():
-        n = g.shape[0]
-        mean, se = g.mean(0), g.std(0) / math.sqrt(n)
-        err = (mean - exact[name]).abs()
-        assert torch.all(err <= z * se + 1e-6), (name, mean, exact[name], se)
+# Several tests run plate-shaped costs with the default plate=False on purpose (it is unbiased
+# for them too); the one-time hint is tested in test_an_undeclared_plate_shaped_output_hints_once.
+pytestmark = pytest.mark.filterwarnings("ignore::gradkit.PlateHint")
 
 
 def exact_grad(expect_fn, **params):
@@ -96,10 +92,12 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("plate", [False, True])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_score_function_is_unbiased(case):
+def test_score_function_is_unbiased(case, plate):
+    """The costs are elementwise: a true plate, so both declarations are unbiased."""
     make, f, expect, params = CASES[case]
-    g = gk.score_function(f, make(params), 40_000)
+    g = gk.score_function(f, make(params), 40_000, plate=plate)
     assert set(g) == set(params)
     for name, p in params.items():
         assert g[name].shape == (40_000, *make(params).__getattribute__(name).shape) or g[
@@ -108,10 +106,11 @@ def test_score_function_is_unbiased(case):
     assert_unbiased(g, exact_grad(expect, **params))
 
 
+@pytest.mark.parametrize("plate", [False, True])
 @pytest.mark.parametrize("case", ["normal_x2", "exponential", "gamma", "beta"])
-def test_pathwise_is_unbiased(case):
+def test_pathwise_is_unbiased(case, plate):
     make, f, expect, params = CASES[case]
-    g = gk.pathwise(f, make(params), 40_000)
+    g = gk.pathwise(f, make(params), 40_000, plate=plate)
     assert_unbiased(g, exact_grad(expect, **params))
 
 
@@ -151,7 +150,7 @@ def test_plate_and_coupled_costs_share_the_mean():
     """Per-element credit (plate) and the summed cost (coupled) estimate the same gradient."""
     loc = torch.tensor([0.3, -0.4, 1.0])
     d = D.Normal(loc, torch.ones(3))
-    plate = gk.score_function(lambda x: x**2, d, 60_000)["loc"]
+    plate = gk.score_function(lambda x: x**2, d, 60_000, plate=True)["loc"]
     coupled = gk.score_function(lambda x: (x**2).sum(-1), d, 60_000)["loc"]
     exact = 2 * loc
     for g in (plate, coupled):
@@ -187,7 +186,7 @@ def test_multivariate_normal_pathwise_and_score():
     exact = {"loc": 2 * loc, "scale_tril": 2 * tril}
     assert_unbiased(gk.pathwise(f, d, 20_000), exact)
     g = gk.score_function(f, d, 100_000)
-    assert_unbiased({"loc": g["loc"]}, exact)
+    assert_unbiased(g["loc"], exact["loc"])
 
 
 def test_keeps_dtype():
@@ -266,9 +265,9 @@ def test_expectation_weighted_plate_outputs_get_their_own_gradient():
     mu = torch.tensor([0.5, -1.0], requires_grad=True)
     d = D.Normal(mu, torch.ones(2))
     n, weights = 100_000, torch.tensor([1.0, 10.0])
-    value = gk.expectation(lambda x: x**2, d, n, estimator="score_function")
+    value = gk.expectation(lambda x: x**2, d, n, estimator="score_function", plate=True)
     (value * weights).sum().backward()
-    se = gk.score_function(lambda x: x**2, d, n)["loc"].std(0) / math.sqrt(n)
+    se = gk.score_function(lambda x: x**2, d, n, plate=True)["loc"].std(0) / math.sqrt(n)
     assert torch.all((mu.grad - weights * 2 * mu.detach()).abs() < Z * weights * se)
 
 
@@ -276,7 +275,9 @@ def test_expectation_errors():
     d = D.Normal(torch.zeros(2), torch.ones(2))
     with pytest.raises(ValueError, match="unknown estimator"):
         gk.expectation(lambda x: x, d, 3, estimator="reinforce")
-    with pytest.raises(TypeError, match="takes options"):
+    with pytest.raises(
+        TypeError, match=r"\['baseline'\]; it takes \['control_variate', 'plate', 'generator'\]"
+    ):
         gk.expectation(lambda x: x, d, 3, estimator="pathwise", baseline=1.0)
 
 
@@ -436,19 +437,19 @@ def test_expectation_constant_baseline_is_weighted_like_the_cost():
     def grad_once(baseline):
         mu.grad = None
         gk.expectation(
-            lambda x: x**2 + 10.0, d, 8, estimator="score_function", baseline=baseline
+            lambda x: x**2 + 10.0, d, 8, estimator="score_function", baseline=baseline, plate=True
         ).mean().backward()
         return mu.grad.clone()
 
     plain = torch.stack([grad_once(None) for _ in range(300)])
     based = torch.stack([grad_once(11.0) for _ in range(300)])
     assert based.var(0).mean() < 0.2 * plain.var(0).mean()
-    assert based.mean(0).abs().max() < 4.5 * (based.std(0) / math.sqrt(300)).max()
+    assert based.mean(0).abs().max() < Z * (based.std(0) / math.sqrt(300)).max()
 
 
 def test_measure_valued_skips_unregistered_parameters_that_need_no_gradient():
     g = D.Gamma(torch.tensor([3.0, 1.5]), torch.tensor([2.0, 0.5]))
-    est = gk.measure_valued(lambda x: x, g, 20_000)
+    est = gk.measure_valued(lambda x: x, g, 20_000, plate=True)
     assert list(est) == ["rate"]  # Gamma's concentration has no weak derivative
     assert_unbiased(est, {"rate": -g.concentration / g.rate**2})
     rate = torch.tensor(2.0, requires_grad=True)
@@ -470,6 +471,23 @@ def test_estimators_work_under_inference_mode():
     exact = torch.tensor([0.0, 2.0])
     assert_unbiased({"loc": pw}, {"loc": exact})
     assert_unbiased({"loc": sf}, {"loc": exact})
+    # families whose scores come from autograd (no closed form), and a distribution built
+    # inside inference mode
+    for case in ("beta", "gamma"):
+        make, f, expect, params = CASES[case]
+        with torch.inference_mode():
+            g = gk.score_function(f, make(params), 40_000, plate=True)
+            h = gk.score_function(f, make({k: v.clone() for k, v in params.items()}), 4_000)
+        assert_unbiased(g, exact_grad(expect, **params))
+        assert set(h) == set(params)
+    loc, tril = torch.tensor([0.5, -1.0]), torch.tensor([[1.0, 0.0], [0.5, 0.8]])
+    with torch.inference_mode():
+        mvn = D.MultivariateNormal(loc, scale_tril=tril)
+        g = gk.score_function(lambda x: (x**2).sum(-1), mvn, 100_000)
+        cv = gk.control_variates.DeltaMethod()
+        h = gk.pathwise(lambda x: (x**2).sum(-1), mvn, 100, control_variate=cv)
+    assert_unbiased(g["loc"], 2 * loc)
+    assert torch.allclose(h["loc"], (2 * loc).expand(100, 2), atol=1e-4)
 
 
 def test_expectation_updates_a_moving_average_in_the_units_of_f():
@@ -479,7 +497,7 @@ def test_expectation_updates_a_moving_average_in_the_units_of_f():
     ema = gk.baselines.ExponentialMovingAverage(decay=0.5)
     for _ in range(6):
         value = gk.expectation(
-            lambda x: x**2 + 10.0, d, 64, estimator="score_function", baseline=ema
+            lambda x: x**2 + 10.0, d, 64, estimator="score_function", baseline=ema, plate=True
         )
         (1e-3 * value.sum()).backward()  # a loss on a very different scale
     assert abs(ema.average.item() - 11.0) < 1.0
@@ -491,6 +509,186 @@ def test_expectation_updates_a_moving_average_in_the_units_of_f():
         2_000,
         estimator="score_function",
         baseline=gk.baselines.OptimalConstant(),
+        plate=True,
     )
     (value * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
     assert torch.allclose(mu.grad, torch.zeros(3), atol=0.4)
+
+
+# ------------------------------------------------------------------ declared plates
+
+ROLL_LOC, ROLL_SCALE = torch.tensor([0.3, -0.2, 0.5]), torch.tensor([1.0, 0.7, 1.2])
+# E[sum_i x_i x_{i+1}] (cyclic) = sum_i mu_i mu_{i+1}: d/dmu_j = mu_{j-1} + mu_{j+1}
+ROLL_EXACT = {"loc": torch.tensor([0.3, 0.8, 0.1]), "scale": torch.zeros(3)}
+# what crediting element b with its own output f_b = x_b x_{b+1} alone converges to
+ROLL_WRONG_PLATE = torch.tensor([-0.2, 0.5, 0.3])
+
+
+def roll_cost(x):
+    """One output per batch element, but output b depends on x_b and x_{b+1}: not a plate."""
+    return x * x.roll(-1, -1)
+
+
+ROLL_SAMPLES = {"score_function": 200_000, "pathwise": 20_000, "measure_valued": 20_000}
+
+
+@pytest.mark.parametrize("estimator", sorted(ROLL_SAMPLES))
+def test_default_is_unbiased_for_a_cost_that_couples_batch_elements(estimator):
+    d = D.Normal(ROLL_LOC, ROLL_SCALE)
+    n = ROLL_SAMPLES[estimator]
+    g = gk.ESTIMATORS[estimator](roll_cost, d, n)
+    assert g["loc"].shape == (n, 3)
+    assert_unbiased(g, ROLL_EXACT)
+    # through expectation: the gradient of one call, within Z standard errors of its rows
+    loc, scale = ROLL_LOC.clone().requires_grad_(), ROLL_SCALE.clone().requires_grad_()
+    value = gk.expectation(roll_cost, D.Normal(loc, scale), n, estimator=estimator)
+    assert value.shape == (3,)
+    value.sum().backward()
+    for name, grad in (("loc", loc.grad), ("scale", scale.grad)):
+        se = g[name].std(0) / math.sqrt(n)
+        assert torch.all((grad - ROLL_EXACT[name]).abs() <= Z * se + 1e-6), (name, grad)
+
+
+@pytest.mark.parametrize("estimator", ["score_function", "measure_valued"])
+def test_a_wrongly_declared_plate_is_caught_by_the_tolerance(estimator):
+    """plate=True on a coupled cost is a false declaration: the mean is wrong, and it shows."""
+    d = D.Normal(ROLL_LOC, ROLL_SCALE)
+    g = gk.ESTIMATORS[estimator](roll_cost, d, ROLL_SAMPLES[estimator], plate=True)
+    with pytest.raises(AssertionError, match="standard errors off"):
+        assert_unbiased(g["loc"], ROLL_EXACT["loc"])
+    if estimator == "score_function":  # each element credited with its own output only
+        assert_unbiased(g["loc"], ROLL_WRONG_PLATE)
+
+
+@pytest.mark.parametrize("estimator", ["score_function", "pathwise", "measure_valued"])
+def test_plate_with_a_wrong_output_shape_names_both_shapes(estimator):
+    d = D.Normal(torch.zeros(3), torch.ones(3))
+    for f, got in ((lambda x: x.sum(-1), "(S,)"), (lambda x: torch.stack([x, x], -1), "(S, 3, 2)")):
+        pattern = re.escape("(S, 3)") + ".*" + re.escape(got)
+        with pytest.raises(ValueError, match=pattern):
+            gk.ESTIMATORS[estimator](f, d, 4, plate=True)
+        mu = torch.zeros(3, requires_grad=True)
+        with pytest.raises(ValueError, match=pattern):
+            gk.expectation(f, D.Normal(mu, torch.ones(3)), 4, estimator=estimator, plate=True)
+    with pytest.raises(TypeError, match="plate must be True or False"):
+        gk.ESTIMATORS[estimator](lambda x: x, d, 4, plate=1)
+
+
+def test_an_undeclared_plate_shaped_output_hints_once(monkeypatch):
+    import warnings
+
+    monkeypatch.setattr(gk.registry, "_hinted", set())
+    d = D.Normal(torch.zeros(3), torch.ones(3))
+    with pytest.warns(gk.PlateHint, match=r"shape \(S, 3\).*pass plate=True"):
+        gk.score_function(lambda x: x**2, d, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process: no second warning
+        gk.score_function(lambda x: x**2, d, 4)
+        monkeypatch.setattr(gk.registry, "_hinted", set())
+        gk.score_function(lambda x: x**2, d, 4, plate=True)  # declared: no hint
+        gk.score_function(lambda x: (x**2).sum(-1), d, 4)  # not plate-shaped: no hint
+
+
+# ------------------------------------------------------------------ options and their errors
+
+
+def test_an_unknown_option_lists_the_options_the_estimator_takes():
+    d = D.Normal(torch.tensor(0.0), torch.tensor(1.0))
+    f = lambda x: x**2  # noqa: E731
+    common = "'control_variate', 'plate', 'generator'"
+    cases = [
+        (gk.score_function, {"coupling": True}, f"['coupling']; it takes ['baseline', {common}]"),
+        (gk.pathwise, {"baseline": 1.0}, f"['baseline']; it takes [{common}]"),
+        (
+            gk.measure_valued,
+            {"baseline": 1.0},
+            f"['baseline']; it takes ['coupling', 'wrt', {common}]",
+        ),
+    ]
+    for est, options, message in cases:
+        with pytest.raises(TypeError, match=re.escape(message)):
+            est(f, d, 4, **options)
+    mu = torch.tensor(0.0, requires_grad=True)
+    with pytest.raises(
+        TypeError, match=re.escape(f"['temperature']; it takes ['coupling', 'wrt', {common}]")
+    ):
+        gk.expectation(f, D.Normal(mu, 1.0), 4, estimator="measure_valued", temperature=0.5)
+
+
+def test_a_control_variate_is_not_a_baseline_and_a_baseline_not_a_control_variate():
+    mu = torch.tensor(0.5, requires_grad=True)
+    d = D.Normal(mu, torch.tensor(1.0))
+    cv = gk.control_variates.DeltaMethod()
+    with pytest.raises(TypeError, match="DeltaMethod is a control variate.*control_variate="):
+        gk.score_function(lambda x: x**2, d, 8, baseline=cv)
+    with pytest.raises(TypeError, match="DeltaMethod is a control variate.*control_variate="):
+        gk.expectation(lambda x: x**2, d, 8, estimator="score_function", baseline=cv)
+    for est in (gk.score_function, gk.pathwise, gk.measure_valued):
+        with pytest.raises(TypeError, match="control_variate must be a gradkit.control_variates"):
+            est(lambda x: x**2, d, 8, control_variate=gk.baselines.LeaveOneOut())
+
+
+@pytest.mark.parametrize("bad", [0, "seed", torch.tensor(1)])
+def test_generator_must_be_a_torch_generator(bad):
+    mu = torch.tensor(0.5, requires_grad=True)
+    d = D.Normal(mu, torch.tensor(1.0))
+    for est in (gk.score_function, gk.pathwise, gk.measure_valued):
+        with pytest.raises(TypeError, match="generator must be a torch.Generator or None"):
+            est(lambda x: x**2, d, 4, generator=bad)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None"):
+        gk.expectation(lambda x: x**2, d, 4, generator=bad)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_generator_on_another_device_type_is_refused():
+    d = D.Normal(torch.tensor(0.5), torch.tensor(1.0))
+    with pytest.raises(ValueError, match="the generator is on cuda"):
+        gk.score_function(lambda x: x**2, d, 4, generator=torch.Generator(device="cuda"))
+    cuda = D.Normal(torch.tensor(0.5, device="cuda"), torch.tensor(1.0, device="cuda"))
+    with pytest.raises(ValueError, match="the generator is on cpu"):
+        gk.pathwise(lambda x: x**2, cuda, 4, generator=torch.Generator())
+
+
+# ------------------------------------------------------------------ explicit random streams
+
+STREAM_DIST = (torch.tensor([0.3, -1.0]), torch.tensor([1.0, 0.5]))
+
+
+def stream_cost(x):
+    return torch.sin(3 * x).sum(-1)
+
+
+@pytest.mark.parametrize("estimator", [gk.score_function, gk.pathwise, gk.measure_valued])
+def test_same_generator_state_gives_the_same_estimates(estimator):
+    d = D.Normal(*STREAM_DIST)
+    state = torch.get_rng_state()
+    gen = torch.Generator().manual_seed(7)
+    saved = gen.get_state()
+    first = estimator(stream_cost, d, 50, generator=gen)
+    advanced = estimator(stream_cost, d, 50, generator=gen)  # the generator moved on
+    gen.set_state(saved)
+    replay = estimator(stream_cost, d, 50, generator=gen)
+    other = estimator(stream_cost, d, 50, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(torch.get_rng_state(), state)  # the global stream is untouched
+    for name in ("loc", "scale"):
+        assert torch.equal(first[name], replay[name]), name
+        assert not torch.equal(first[name], advanced[name]), name
+        assert not torch.equal(first[name], other[name]), name
+
+
+@pytest.mark.parametrize("estimator", ["score_function", "pathwise", "measure_valued"])
+def test_expectation_same_generator_state_gives_the_same_value_and_gradient(estimator):
+    def run(seed):
+        loc, scale = (t.clone().requires_grad_() for t in STREAM_DIST)
+        gen = torch.Generator().manual_seed(seed)
+        value = gk.expectation(
+            stream_cost, D.Normal(loc, scale), 50, estimator=estimator, generator=gen
+        )
+        value.backward()  # the measure-valued perturbations are drawn here
+        return torch.cat([value.detach().reshape(1), loc.grad, scale.grad])
+
+    state = torch.get_rng_state()
+    first, replay, other = run(7), run(7), run(8)
+    assert torch.equal(torch.get_rng_state(), state)  # forward and backward passes included
+    assert torch.equal(first, replay)
+    assert not torch.equal(first, other)

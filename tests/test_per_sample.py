@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradkit as gk
+from tests.stats import Z
 
 
 def loop_grads(module, loss_fn, *batch):
@@ -128,7 +129,7 @@ def test_per_sample_scores_of_a_policy_have_mean_zero():
     scores = gk.per_sample_grads(net, log_q, x, z)
     for name, s in scores.items():
         se = s.std(0) / math.sqrt(n)
-        assert torch.all(s.mean(0).abs() <= 4.5 * se + 1e-6), name
+        assert torch.all(s.mean(0).abs() <= Z * se + 1e-6), name
 
 
 def test_keeps_device_and_dtype_of_parameters():

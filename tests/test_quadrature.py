@@ -15,8 +15,7 @@ import torch
 
 import gradkit as gk
 from gradkit import quadrature as q
-
-Z = 4.5  # tolerance in standard errors
+from tests.stats import Z
 
 R = math.sqrt(math.pi / 2)  # E[Rayleigh(1)]
 

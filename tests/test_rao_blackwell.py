@@ -2,7 +2,8 @@
 
 The exact gradient of E_q[f(z)] = sum_z q(z) f(z) comes from autograd through the enumerated
 sum; the estimator's mean must agree within a few standard errors, for both parameterisations,
-with and without a baseline, for one categorical and for a plate of independent ones.
+with and without a baseline, for one categorical and for a declared plate of independent ones
+(``plate=True``; a batch of categoricals without the declaration is refused).
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ from torch.distributions import Bernoulli, Categorical
 
 import gradkit as gk
 from gradkit import rao_blackwell as rb
-
-Z = 4.5
+from tests.stats import Z, assert_unbiased
 
 LOGITS = torch.tensor([[2.0, 1.0, 0.5, -1.0, 0.0, -2.0], [0.1, 0.2, 0.3, 0.4, 0.5, 3.0]])
 TABLE = torch.tensor([[1.0, -2.0, 4.0, 0.5, 3.0, -1.0], [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]])
@@ -37,11 +37,6 @@ def exact_gradient(dist: Categorical, leaf: torch.Tensor, table: torch.Tensor) -
     return torch.autograd.grad((dist.probs * table).sum(), leaf)[0]
 
 
-def assert_unbiased(g: torch.Tensor, exact: torch.Tensor) -> None:
-    mean, se = g.mean(0), g.std(0) / math.sqrt(g.shape[0])
-    assert torch.all((mean - exact).abs() <= Z * se + 1e-6), (mean, exact, se)
-
-
 @pytest.mark.parametrize("param", ["logits", "probs"])
 @pytest.mark.parametrize("num_summed", [0, 1, 3])
 @pytest.mark.parametrize("baseline", [None, "loo"])
@@ -49,9 +44,9 @@ def test_plate_unbiased(param, num_summed, baseline):
     dist, leaf = build(param, LOGITS)
     exact = exact_gradient(dist, leaf, TABLE)
     options = {"baseline": gk.baselines.LeaveOneOut()} if baseline else {}
-    g = rb.score_function(plate_cost, dist, 20_000, num_summed=num_summed, **options)
+    g = rb.sum_and_sample(plate_cost, dist, 20_000, num_summed=num_summed, plate=True, **options)
     assert set(g) == {param} and g[param].shape == (20_000, *leaf.shape)
-    assert_unbiased(g[param], exact)
+    assert_unbiased(g[param], exact, atol=1e-6)
 
 
 @pytest.mark.parametrize("param", ["logits", "probs"])
@@ -59,56 +54,91 @@ def test_single_categorical_unbiased_with_constant_baseline(param):
     dist, leaf = build(param, LOGITS[0])
     exact = exact_gradient(dist, leaf, TABLE[0])
     f = lambda z: TABLE[0][z]  # noqa: E731
-    g = rb.score_function(f, dist, 20_000, num_summed=2, baseline=1.5)[param]
-    assert_unbiased(g, exact)
+    g = rb.sum_and_sample(f, dist, 20_000, num_summed=2, baseline=1.5)[param]
+    assert_unbiased(g, exact, atol=1e-6)
 
 
 def test_summing_everything_is_exact():
     dist, leaf = build("logits", LOGITS)
     exact = exact_gradient(dist, leaf, TABLE)
-    g = rb.score_function(plate_cost, dist, 7, num_summed=6)["logits"]
+    g = rb.sum_and_sample(plate_cost, dist, 7, num_summed=6, plate=True)["logits"]
     torch.testing.assert_close(g, exact.expand_as(g), rtol=1e-5, atol=1e-6)
 
 
 def test_variance_falls_as_more_categories_are_summed():
     dist, _ = build("logits", LOGITS)
     variances = [
-        float(rb.score_function(plate_cost, dist, 20_000, num_summed=k)["logits"].var(0).sum())
+        float(
+            rb.sum_and_sample(plate_cost, dist, 20_000, num_summed=k, plate=True)["logits"]
+            .var(0)
+            .sum()
+        )
         for k in range(6)
     ]
     assert all(b < a for a, b in itertools.pairwise(variances)), variances
-    plain = float(gk.score_function(plate_cost, dist, 20_000)["logits"].var(0).sum())
+    plain = gk.score_function(plate_cost, dist, 20_000, plate=True)["logits"].var(0).sum()
+    plain = float(plain)
     assert variances[0] == pytest.approx(plain, rel=0.1)  # k = 0 is the plain estimator
     assert variances[2] < 0.2 * plain
 
 
 def test_zero_probability_categories_need_no_samples():
     dist = Categorical(probs=torch.tensor([0.5, 0.5, 0.0]))
-    g = rb.score_function(lambda z: z.float(), dist, 5, num_summed=2)["probs"]
+    g = rb.sum_and_sample(lambda z: z.float(), dist, 5, num_summed=2)["probs"]
     assert torch.isfinite(g).all()
     assert torch.allclose(g, g[0].expand_as(g))  # nothing left to sample: no variance
 
 
 def test_dtype_and_device_follow_the_distribution():
     dist = Categorical(logits=LOGITS.double())
-    g = rb.score_function(lambda z: z.double(), dist, 3, num_summed=2)["logits"]
+    g = rb.sum_and_sample(lambda z: z.double(), dist, 3, num_summed=2, plate=True)["logits"]
     assert g.dtype == torch.float64 and g.device == LOGITS.device
 
 
 def test_errors():
     dist = Categorical(logits=LOGITS)
     with pytest.raises(TypeError, match="Categorical"):
-        rb.score_function(lambda z: z, Bernoulli(probs=torch.tensor(0.3)), 4)
+        rb.sum_and_sample(lambda z: z, Bernoulli(probs=torch.tensor(0.3)), 4)
     with pytest.raises(ValueError, match="num_summed must be between 0 and the number"):
-        rb.score_function(plate_cost, dist, 4, num_summed=7)
+        rb.sum_and_sample(plate_cost, dist, 4, num_summed=7, plate=True)
     with pytest.raises(TypeError, match="num_summed must be a Python int"):
-        rb.score_function(plate_cost, dist, 4, num_summed=True)
-    with pytest.raises(ValueError, match="couples the batch"):
-        rb.score_function(lambda z: plate_cost(z).sum(-1), dist, 4)
+        rb.sum_and_sample(plate_cost, dist, 4, num_summed=True, plate=True)
+    # a batch of categoricals needs the declared plate, whatever f returns
+    for f in (plate_cost, lambda z: plate_cost(z).sum(-1)):
+        with pytest.raises(ValueError, match=r"batch_shape \(2,\), declare plate=True"):
+            rb.sum_and_sample(f, dist, 4)
+        with pytest.raises(ValueError, match="couples the batch"):
+            gk.expectation(
+                f, Categorical(logits=LOGITS.clone().requires_grad_()), 4, estimator="rao_blackwell"
+            )
+    with pytest.raises(ValueError, match=r"\(S, 2\).*\(S,\)"):  # declared, wrong shape
+        rb.sum_and_sample(lambda z: plate_cost(z).sum(-1), dist, 4, plate=True)
     with pytest.raises(ValueError, match="num_samples must be at least 1"):
-        rb.score_function(plate_cost, dist, 0)
+        rb.sum_and_sample(plate_cost, dist, 0, plate=True)
     with pytest.raises(ValueError, match="at least 2 samples"):
-        rb.score_function(plate_cost, dist, 1, baseline=gk.baselines.LeaveOneOut())
+        rb.sum_and_sample(plate_cost, dist, 1, baseline=gk.baselines.LeaveOneOut(), plate=True)
+    with pytest.raises(TypeError, match=r"it takes \['num_summed', 'baseline'"):
+        gk.ESTIMATORS["rao_blackwell"](plate_cost, dist, 4, coupling=True, plate=True)
+
+
+def test_generator_and_registration():
+    dist = Categorical(logits=LOGITS)
+    state = torch.get_rng_state()
+    runs = [
+        rb.sum_and_sample(
+            plate_cost,
+            dist,
+            50,
+            num_summed=2,
+            plate=True,
+            generator=torch.Generator().manual_seed(s),
+        )["logits"]
+        for s in (1, 1, 2)
+    ]
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+    assert not hasattr(rb, "score_function")  # renamed: sum_and_sample
+    assert not gk.ESTIMATORS["rao_blackwell"].biased
 
 
 @pytest.mark.parametrize("param", ["logits", "probs"])
@@ -117,7 +147,7 @@ def test_exact_gradient_matches_autograd_through_the_enumerated_sum(param, plate
     logits, table = (LOGITS, TABLE) if plate else (LOGITS[0], TABLE[0])
     dist, leaf = build(param, logits)
     cost = plate_cost if plate else (lambda z: TABLE[0][z])
-    exact = rb.exact_gradient(cost, dist)
+    exact = rb.exact_gradient(cost, dist, plate=plate)
     assert set(exact) == {param}
     torch.testing.assert_close(exact[param], exact_gradient(dist, leaf, table))
 
@@ -126,13 +156,15 @@ def test_exact_gradient_errors():
     with pytest.raises(TypeError, match="Categorical"):
         rb.exact_gradient(lambda z: z, Bernoulli(probs=torch.tensor(0.3)))
     with pytest.raises(ValueError, match="couples the batch"):
-        rb.exact_gradient(lambda z: plate_cost(z).sum(-1), Categorical(logits=LOGITS))
+        rb.exact_gradient(plate_cost, Categorical(logits=LOGITS))  # plate not declared
+    with pytest.raises(ValueError, match="plate=True declares one cost per categorical"):
+        rb.exact_gradient(lambda z: plate_cost(z).sum(-1), Categorical(logits=LOGITS), plate=True)
 
 
 def test_variance_sweep_records():
     dist, _ = build("logits", LOGITS)
     loo = {"none": None, "loo": gk.baselines.LeaveOneOut()}
-    rows = rb.variance_sweep(plate_cost, dist, 20_000, [0, 2, 6], baselines=loo)
+    rows = rb.variance_sweep(plate_cost, dist, 20_000, [0, 2, 6], baselines=loo, plate=True)
     assert [r["k"] for r in rows] == [0, 2, 6]
     assert list(rows[0]) == ["k", "top-k mass", "none", "loo", "plain, k + 1 samples"]
     top2 = LOGITS.softmax(-1).topk(2, -1).values.sum(-1).mean().item()
@@ -148,15 +180,17 @@ def test_variance_sweep_records():
 def test_variance_sweep_errors():
     dist = Categorical(logits=LOGITS)
     with pytest.raises(ValueError, match="num_summed is empty"):
-        rb.variance_sweep(plate_cost, dist, 10, [])
+        rb.variance_sweep(plate_cost, dist, 10, [], plate=True)
     with pytest.raises(ValueError, match="baselines is empty"):
-        rb.variance_sweep(plate_cost, dist, 10, [1], baselines={})
+        rb.variance_sweep(plate_cost, dist, 10, [1], baselines={}, plate=True)
     with pytest.raises(ValueError, match="clash with the columns"):
-        rb.variance_sweep(plate_cost, dist, 10, [1], baselines={"k": None})
+        rb.variance_sweep(plate_cost, dist, 10, [1], baselines={"k": None}, plate=True)
     with pytest.raises(ValueError, match="num_samples must be at least 2"):
-        rb.variance_sweep(plate_cost, dist, 1, [1])
+        rb.variance_sweep(plate_cost, dist, 1, [1], plate=True)
     with pytest.raises(ValueError, match="num_summed must be between 0 and the number"):
-        rb.variance_sweep(plate_cost, dist, 10, [1, 7])
+        rb.variance_sweep(plate_cost, dist, 10, [1, 7], plate=True)
+    with pytest.raises(ValueError, match="declare plate=True"):
+        rb.variance_sweep(plate_cost, dist, 10, [1])
     with pytest.raises(TypeError, match="Categorical"):
         rb.variance_sweep(lambda z: z, Bernoulli(probs=torch.tensor(0.3)), 10, [0])
 
@@ -164,28 +198,28 @@ def test_variance_sweep_errors():
 @pytest.mark.parametrize("num_summed", [0, 2, 4])
 def test_check_unbiased_passes_the_estimator(num_summed):
     dist, _ = build("probs", LOGITS)
-    check = rb.check_unbiased(plate_cost, dist, 20_000, num_summed=num_summed)
+    check = rb.check_unbiased(plate_cost, dist, 20_000, num_summed=num_summed, plate=True)
     assert check.expected_error > 0 and check.ratio < Z, check
 
 
 def test_check_unbiased_everything_summed_is_exact():
     dist, _ = build("logits", LOGITS)
-    check = rb.check_unbiased(plate_cost, dist, 10, num_summed=6)
+    check = rb.check_unbiased(plate_cost, dist, 10, num_summed=6, plate=True)
     assert check.expected_error == 0.0 and check.ratio == 0.0
 
 
 def test_check_unbiased_detects_a_bias(monkeypatch):
-    estimator = rb.score_function
+    estimator = rb.sum_and_sample
 
     def biased(*args, **kwargs):
         return {name: g + 0.05 for name, g in estimator(*args, **kwargs).items()}
 
-    monkeypatch.setattr(rb, "score_function", biased)
+    monkeypatch.setattr(rb, "sum_and_sample", biased)
     dist, _ = build("logits", LOGITS)
-    assert rb.check_unbiased(plate_cost, dist, 20_000, num_summed=2).ratio > 10
-    assert rb.check_unbiased(plate_cost, dist, 10, num_summed=6).ratio == math.inf
+    assert rb.check_unbiased(plate_cost, dist, 20_000, num_summed=2, plate=True).ratio > 10
+    assert rb.check_unbiased(plate_cost, dist, 10, num_summed=6, plate=True).ratio == math.inf
 
 
 def test_check_unbiased_errors():
     with pytest.raises(ValueError, match="num_samples must be at least 2"):
-        rb.check_unbiased(plate_cost, Categorical(logits=LOGITS), 1)
+        rb.check_unbiased(plate_cost, Categorical(logits=LOGITS), 1, plate=True)

@@ -28,6 +28,7 @@ from torch.distributions import (
     Uniform,
 )
 
+import gradkit as gk
 from gradkit import reparam
 
 F64 = torch.float64
@@ -247,6 +248,28 @@ def test_implicit_errors_name_the_fix():
         reparam.implicit_pathwise(lambda x: x, Normal(t64(0.0), t64(1.0)), 0)
 
 
+def test_implicit_pathwise_generator_plate_and_control_variate():
+    dist = Gamma(t64(1.5, 3.0), t64(2.0, 0.5))
+    state = torch.get_rng_state()
+    runs = [
+        reparam.implicit_pathwise(
+            lambda x: x**2, dist, 20, plate=True, generator=torch.Generator().manual_seed(s)
+        )
+        for s in (1, 1, 2)
+    ]
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(runs[0]["rate"], runs[1]["rate"])
+    assert not torch.equal(runs[0]["rate"], runs[2]["rate"])
+    with pytest.raises(ValueError, match=r"\(S, 2\).*\(S,\)"):
+        reparam.implicit_pathwise(lambda x: (x**2).sum(-1), dist, 4, plate=True)
+    # a quadratic cost: the delta method makes every implicit-pathwise row exact
+    normal = Normal(t64(0.3), t64(1.4))
+    cv = gk.control_variates.DeltaMethod(coefficient=1.0)
+    g = reparam.implicit_pathwise(lambda x: x**2, normal, 10, control_variate=cv)
+    torch.testing.assert_close(g["loc"], torch.full((10,), 0.6, dtype=F64))
+    torch.testing.assert_close(g["scale"], torch.full((10,), 2.8, dtype=F64))
+
+
 # --- Gumbel-max and the Concrete relaxation -------------------------------------------------
 
 
@@ -310,6 +333,23 @@ def test_gumbel_softmax_bernoulli_at_low_temperature():
     assert g["logits"].shape == (10, 2)
 
 
+def test_gumbel_softmax_generator_and_plate():
+    logits = torch.log(t64(0.2, 0.3, 0.5)).expand(2, 3)
+    dist = Categorical(logits=logits)
+    c = t64(1.0, -2.0, 3.0)
+    state = torch.get_rng_state()
+    runs = [
+        reparam.gumbel_softmax(
+            lambda y: y @ c, dist, 10, 0.5, plate=True, generator=torch.Generator().manual_seed(s)
+        )["logits"]
+        for s in (1, 1, 2)
+    ]
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+    with pytest.raises(ValueError, match=r"\(S, 2\).*\(S,\)"):
+        reparam.gumbel_softmax(lambda y: (y @ c).sum(-1), dist, 4, 0.5, plate=True)
+
+
 def test_gumbel_errors_name_the_fix():
     logits = torch.zeros(3)
     for bad in (0.0, -1.0, math.nan, math.inf):
@@ -318,7 +358,7 @@ def test_gumbel_errors_name_the_fix():
     for bad in ("0.5", True, None):
         with pytest.raises(TypeError, match="temperature must be a positive number"):
             reparam.gumbel_softmax(lambda y: y.sum(-1), Categorical(logits=logits), 5, bad)
-    with pytest.raises(ValueError, match="relaxes Categorical and Bernoulli"):
+    with pytest.raises(ValueError, match="relaxes Categorical, OneHotCategorical and Bernoulli"):
         reparam.gumbel_softmax(lambda x: x, Normal(0.0, 1.0), 5, 0.5)
     with pytest.raises(TypeError, match="floating-point tensor"):
         reparam.gumbel_max(torch.tensor([1, 2, 3]))
