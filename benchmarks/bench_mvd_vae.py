@@ -39,6 +39,7 @@ from torch.distributions import Bernoulli, Gamma, Normal, Weibull
 
 import gradkit as gk
 import gradkit.models
+from benchmarks.common import write_results
 from gradkit.models import VAE
 
 OUT = Path(__file__).resolve().parent / "results"
@@ -226,7 +227,12 @@ def run(out: Path = OUT, *, quick: bool = False) -> None:
     print(grads.to_string(index=False))
     print(f"\nFull training step, batch {train['batch'].iloc[0]}:")
     print(train.to_string(index=False))
-    grads.to_csv(out / "mvd_vae_encoder_gradient.csv", index=False)
+    write_results(
+        out,
+        "mvd_vae_encoder_gradient",
+        grads,
+        meta={"quick": quick, "sizes": {"batch_sizes": sizes, "hidden_dim": hidden}},
+    )
     train.to_csv(out / "mvd_vae_training.csv", index=False)
     (out / "mvd_vae.json").write_text(
         json.dumps({"benchmark": "mvd_vae", "quick": quick, **machine()}, indent=2) + "\n"

@@ -19,13 +19,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from benchmarks import bench_per_sample, bench_scaling
+from benchmarks import bench_core, bench_per_sample, bench_scaling
 from benchmarks.common import RESULTS, Z_THRESHOLD, load_results, machine_info, verdict
 
 __all__ = [
     "SAME_ESTIMATORS",
     "SIZES",
     "Result",
+    "core_targets",
     "findings",
     "headline",
     "machines",
@@ -41,10 +42,16 @@ SIZES: dict[str, dict[str, Any]] = {
         "peers": {"copies": 20, "samples": 20, "repeats": 1},
         "per_sample": (10, 100),
         "scaling": bench_scaling.QUICK_SWEEPS,
+        "core_per_call": {"calls": 50, "repeats": 1},
+        "core_scale": {"sizes": (64,), "steps": 1},
+        "mvd_vae_encoder_gradient": {"batch_sizes": [8], "hidden_dim": 32, "repeats": 1},
     },
     "default": {
         "peers": {"copies": 100, "samples": 100, "repeats": 3},
         "per_sample": (10, 100, 1_000),
+        "core_per_call": {"calls": 1000, "repeats": 3},
+        "core_scale": {"sizes": (512, 4096), "steps": 3},
+        "mvd_vae_encoder_gradient": {"batch_sizes": [128], "hidden_dim": 400, "repeats": 5},
         "scaling": {
             "samples": ((10, 100, 1_000, 10_000), {"batch": 1, "dim": 10}),
             "batch": ((1, 10, 100, 1_000), {"samples": 100, "dim": 10}),
@@ -54,11 +61,27 @@ SIZES: dict[str, dict[str, Any]] = {
     "paper": {
         "peers": {"copies": 1000, "samples": 100, "repeats": 5},
         "per_sample": bench_per_sample.SIZES,
+        "core_per_call": {"calls": 1000, "repeats": 5},
+        "core_scale": {"sizes": (512, 4096), "steps": 5},
+        "mvd_vae_encoder_gradient": {
+            "batch_sizes": [8, 32, 128, 512],
+            "hidden_dim": 400,
+            "repeats": 7,
+        },
         "scaling": bench_scaling.SWEEPS,
     },
 }
 # The results each of gradkit's own benchmarks writes.
-OWN = ("peers_bernoulli", "peers_factorised", "peers_gaussian", "per_sample", "scaling")
+OWN = (
+    "peers_bernoulli",
+    "peers_factorised",
+    "peers_gaussian",
+    "per_sample",
+    "scaling",
+    "core_per_call",
+    "core_scale",
+    "mvd_vae_encoder_gradient",
+)
 # Estimators every library computes the same way, from the same random numbers for one seed.
 SAME_ESTIMATORS = ("score_function", "score_function+leave_one_out", "pathwise")
 
@@ -126,6 +149,22 @@ def obtain(
     elif name == "per_sample":
         table = bench_per_sample.compare(sizes["per_sample"], repeats=3)
         meta = {"sizes": list(sizes["per_sample"])}
+    elif name == "core_per_call":
+        peers = [] if workers is None else [p for p in workers if p == "storchastic"]
+        table = pd.DataFrame(
+            bench_core.per_call_rows(
+                sizes[name]["calls"], 100, repeats=sizes[name]["repeats"], peers=peers
+            )
+        )
+        meta = {"sizes": dict(sizes[name])}
+    elif name == "core_scale":
+        table = pd.DataFrame(bench_core.scale_rows(**sizes[name]))
+        meta = {"sizes": dict(sizes[name])}
+    elif name == "mvd_vae_encoder_gradient":
+        from benchmarks import bench_mvd_vae
+
+        table = pd.DataFrame(bench_mvd_vae.encoder_gradient_rows(z_dim=20, **sizes[name]))
+        meta = {"sizes": dict(sizes[name])}
     else:
         table = bench_scaling.sweep(sizes["scaling"], repeats=3)
         meta = {"sizes": {k: list(v) for k, (v, _) in sizes["scaling"].items()}}
@@ -411,6 +450,73 @@ def findings(tables: Mapping[str, pd.DataFrame], *, no_peers: str = "") -> dict[
     keys = ("correct", "same_variance", "moving_average", "speed", "wrong_text")
     out["summary"] = " ".join(out[k] for k in keys if out[k])
     return out
+
+
+def core_targets(per_call: pd.DataFrame, scale: pd.DataFrame, mvd: pd.DataFrame) -> pd.DataFrame:
+    """The core's speed and scale targets, each with its measured value and whether it is met.
+
+    Every ratio compares two implementations measured side by side in the same run.
+
+    Example:
+        >>> import pandas as pd
+        >>> calls = pd.DataFrame({"implementation": [
+        ...     "gradkit, gk.score_function", "plain torch, estimate by hand"],
+        ...     "ms_per_call": [0.2, 0.1], "times_reference": [2.0, 1.0]})
+        >>> empty = pd.DataFrame(columns=["samples", "implementation", "times_hand_written",
+        ...                               "peak_mb_above_start"])
+        >>> mvd = pd.DataFrame(columns=["batch", "method", "speedup_vs_loop"])
+        >>> bool(core_targets(calls, empty, mvd).iloc[0]["met"])
+        True
+    """
+    rows: list[dict[str, Any]] = []
+    ratio = per_call.set_index("implementation")["times_reference"]
+    ms = per_call.set_index("implementation")["ms_per_call"]
+    for name, reference in (
+        ("gradkit, gk.score_function", "plain torch, estimate by hand"),
+        ("gradkit, gk.expectation + backward", "plain torch, surrogate + backward by hand"),
+    ):
+        if name in ratio:
+            rows.append(
+                {
+                    "target": f"{name} within 2x of {reference}",
+                    "measured": f"{ratio[name]:.2f}x",
+                    "met": bool(ratio[name] <= 2.0),
+                }
+            )
+    storch = "Storchastic, ScoreFunction(batch_average)"
+    expectation = "gradkit, gk.expectation + backward"
+    if storch in ms and expectation in ms and math.isfinite(ms[storch]):
+        speedup = ms[storch] / ms[expectation]
+        rows.append(
+            {
+                "target": "gk.expectation at least 10x faster than Storchastic per call",
+                "measured": f"{speedup:.1f}x",
+                "met": bool(speedup >= 10.0),
+            }
+        )
+    for samples, group in scale.groupby("samples"):
+        rows_by = group.set_index("implementation")
+        gradkit = rows_by.loc["gradkit, gk.expectation"]
+        rows.append(
+            {
+                "target": f"Categorical (64, 10000), {samples} samples: within 2x of the "
+                "hand-written surrogate",
+                "measured": f"{gradkit['times_hand_written']:.2f}x, "
+                f"{gradkit['peak_mb_above_start']:.0f} MB peak above start",
+                "met": bool(gradkit["times_hand_written"] <= 2.0),
+            }
+        )
+    coupled = mvd[mvd["method"] == "gradkit, coupled"]
+    for row in coupled.itertuples():
+        rows.append(
+            {
+                "target": f"measure-valued VAE encoder step, batch {row.batch}: at least 2x "
+                "faster than the source's loop",
+                "measured": f"{row.speedup_vs_loop:.2f}x",
+                "met": bool(row.speedup_vs_loop >= 2.0),
+            }
+        )
+    return pd.DataFrame(rows, columns=["target", "measured", "met"])
 
 
 def other_results(directory: Path = RESULTS) -> dict[str, list[Path]]:

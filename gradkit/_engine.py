@@ -254,7 +254,7 @@ _SEED_HIGH = 2**62
 class Stream:
     """The random numbers of one estimator call, drawn from one ``torch.Generator``.
 
-    :meth:`phase` runs a block of random draws: phase ``"forward"`` draws the samples, phase
+    ``phase(name)`` runs a block of random draws: phase ``"forward"`` draws the samples, phase
     ``"estimator"`` the estimator's own random numbers (perturbations, relaxations), in the
     forward or the backward pass. Re-entering a phase replays its numbers (a pathwise
     estimator redraws its forward samples from per-sample copies; a control variate sees the
@@ -301,6 +301,7 @@ class Stream:
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
+        """Run the block in phase ``name`` of this call's stream (a context manager)."""
         if self.seeds is None:
             saved = self.states.get(name)
             if saved is None:  # first run: draw from the global stream, remember where from

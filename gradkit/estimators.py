@@ -196,7 +196,7 @@ def _categorical_logits_mean(
 class PathwiseEstimator(Estimator):
     """Base of the estimators that differentiate the cost along a sampling path.
 
-    A subclass implements :meth:`path`; the per-sample rows come from one backward pass through
+    A subclass implements ``path``; the per-sample rows come from one backward pass through
     per-sample copies of the parameters, with the path redrawn in the call's forward stream so
     that its values are the forward samples (a mismatch is an error, never a wrong number).
     """
