@@ -57,7 +57,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
+@dataclass
 class Resolved:
     """One distribution, read once: base, parameters, support and shapes.
 

@@ -212,7 +212,7 @@ class Problem:
         """Values ``(*lead, *T)`` -> the signal ``(*lead, *plate_shape)`` (weighted, summed)."""
         if self.weights is not None:
             values = values * self.weights
-        if self.plate:
+        if self.plate or values.dim() == lead:  # one value per sample already
             return values
         return values.reshape(*values.shape[:lead], -1).sum(-1)
 
@@ -271,12 +271,13 @@ class Problem:
         Without ``name``: against ``dist.log_prob(x)``, shape ``(R, *batch_shape)``. With a
         parameter name: against per-sample estimates ``(R, *param.shape)``.
         """
-        batch = len(self.resolved.batch_shape)
         if name is None:
-            extra = batch - (signal.dim() - 1)
+            extra = len(self.resolved.batch_shape) - (signal.dim() - 1)
         else:
             extra = self.resolved.params[name].dim() - (signal.dim() - 1)
-        return signal.reshape(*signal.shape, *([1] * max(0, extra)))
+        if extra <= 0:
+            return signal
+        return signal.reshape(*signal.shape, *([1] * extra))
 
     # -- the engine ---------------------------------------------------------------------------
 
@@ -493,7 +494,10 @@ class Estimator:
             rows = apply_control_variate(control_variate, self, problem, rows, options)
         self.finish(problem, **options)
         params = problem.resolved.params
-        return {n: v.to(params[n].dtype) if n in params else v for n, v in rows.items()}
+        return {
+            n: v.to(params[n].dtype) if n in params and v.dtype != params[n].dtype else v
+            for n, v in rows.items()
+        }
 
     def __repr__(self) -> str:
         kind = "biased" if self.biased else "unbiased"
