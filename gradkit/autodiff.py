@@ -85,8 +85,7 @@ def expectation(
         options=options,
     )
     if est.reparameterised and control_variate is None:
-        with problem.forward_randomness():
-            x = est.path(problem.dist, (num_samples,), **options)
+        x = est.forward_path(problem, **options)
         fx = problem.evaluate(x)
         value = est.value(problem, fx)
         est.finish(problem, **options)

@@ -386,6 +386,11 @@ class Estimator:
         """Reparameterised samples (for ``reparameterised`` estimators)."""
         raise NotImplementedError(f"the {self.name} estimator has no reparameterised path")
 
+    def forward_path(self, problem: Problem, **options: Any) -> Tensor:
+        """The forward samples of a ``reparameterised`` estimator, carrying the gradient."""
+        with problem.forward_randomness():
+            return self.path(problem.dist, (problem.num_samples,), **options)
+
     def prepare(self, problem: Problem, **options: Any) -> Any:
         """Work of the forward pass that must see the forward samples first (baselines)."""
         return None

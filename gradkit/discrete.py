@@ -1,0 +1,254 @@
+r"""Estimators for discrete latent variables: ARM, DisARM, straight-through and enumeration.
+
+For a Bernoulli variable :math:`z \sim \mathrm{Bern}(\sigma(\phi))` the score function is the
+only general estimator of :math:`\nabla_\phi \mathbb{E}[f(z)]` that needs nothing of ``f``;
+the estimators here use the structure of the discrete variable instead. All are registered in
+``gk.ESTIMATORS`` and work with :func:`~gradkit.autodiff.expectation` and ``plate=``:
+
+* ``arm`` (Yin and Zhou 2019) and ``disarm`` (Dong, Mnih and Tucker 2020; Yin et al. 2020)
+  draw antithetic pairs from one uniform :math:`u` and difference the cost over the pair;
+  ``num_samples`` counts the draws (an even number, two per pair) and the rows are one per pair.
+* ``straight_through`` (Bengio, Léonard and Courville 2013) evaluates ``f`` at the discrete
+  sample and passes the gradient of the sample's mean back: biased by design.
+* ``enumerate`` sums ``f`` over every state of a small discrete site, exactly (no variance),
+  with ``f`` evaluated with gradients on, so that parameters inside ``f`` get their exact
+  gradients too, as Pyro's enumeration does.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.distributions import Bernoulli, Categorical, Distribution, OneHotCategorical
+
+from gradkit._engine import log_prob
+from gradkit.distributions import base_distribution
+from gradkit.estimators import PathwiseEstimator
+from gradkit.registry import Estimator, Problem, register_estimator
+
+__all__ = ["ARM", "DisARM", "Enumerate", "StraightThrough"]
+
+_MAX_STATES = 2**16
+
+
+def _bernoulli(problem: Problem, name: str) -> Bernoulli:
+    base = problem.resolved.base
+    if not isinstance(base, Bernoulli):
+        raise ValueError(
+            f"the {name} estimator is defined for Bernoulli variables, got "
+            f"{type(base).__name__}; for categorical variables use 'score_function', "
+            "'rao_blackwell' or 'enumerate', and for continuous ones 'pathwise'"
+        )
+    return base
+
+
+class _Antithetic(Estimator):
+    """Shared by ARM and DisARM: the antithetic pair drawn from one uniform per coordinate."""
+
+    families = (Bernoulli,)
+    min_samples = 2
+
+    def check(self, problem: Problem, **options: Any) -> None:
+        _bernoulli(problem, self.name)
+        if problem.num_samples % 2:
+            raise ValueError(
+                f"the {self.name} estimator draws antithetic pairs, so num_samples (the number "
+                f"of draws) must be even, got {problem.num_samples}; use "
+                f"{problem.num_samples + 1}"
+            )
+
+    def _base(self, problem: Problem) -> Bernoulli:
+        return _bernoulli(problem, self.name)
+
+    def _uniform(self, problem: Problem) -> Tensor:
+        base = self._base(problem)
+        shape = (problem.num_samples // 2, *base.batch_shape)
+        probs = base.probs
+        with problem.forward_randomness():  # replayed in the backward pass: the same u
+            return torch.rand(shape, dtype=probs.dtype, device=probs.device)
+
+    def sample(self, problem: Problem) -> Tensor:
+        """``b~ = 1[1 - u < p]`` for the first half of the draws, ``b = 1[u < p]`` after it."""
+        u = self._uniform(problem)
+        p = self._base(problem).probs.detach()
+        return torch.cat([(1.0 - u < p).to(u.dtype), (u < p).to(u.dtype)])
+
+    def _differences(self, problem: Problem) -> tuple[Tensor, Tensor, Tensor]:
+        """``u``, the signal difference ``f(b~) - f(b)`` per pair, and the logits."""
+        u = self._uniform(problem)
+        half = problem.num_samples // 2
+        signal = problem.signal
+        return u, signal[:half] - signal[half:], self._base(problem).logits.detach()
+
+    def _rows(self, problem: Problem, per_logit: Tensor) -> dict[str, Tensor]:
+        """Rows for the logits, converted for a distribution built from ``probs``."""
+        (name,) = problem.names
+        if name == "probs":
+            p = self._base(problem).probs.detach()
+            per_logit = per_logit / (p * (1.0 - p))
+        return {name: per_logit}
+
+
+@register_estimator("arm")
+class ARM(_Antithetic):
+    r"""The augment-REINFORCE-merge estimator (Yin and Zhou 2019).
+
+    With one :math:`u \sim U(0, 1)` per coordinate, :math:`\tilde b = \mathbf 1[u > \sigma(-\phi)]`
+    and :math:`b = \mathbf 1[u < \sigma(\phi)]` are both :math:`\mathrm{Bern}(\sigma(\phi))`,
+    and
+
+    .. math:: \hat g_\phi = \big(f(\tilde b) - f(b)\big)\,\big(u - \tfrac12\big)
+
+    is unbiased for :math:`\nabla_\phi \mathbb{E}[f(b)]`: augmenting the Bernoulli with the
+    uniform it thresholds and applying REINFORCE to :math:`u` gives :math:`f(b)(1 - 2u)` per
+    coordinate, and merging it with its antithetic copy at :math:`1 - u` gives the difference.
+    Each pair costs two evaluations of ``f``; rows are one per pair.
+    """
+
+    def estimate(self, problem: Problem) -> dict[str, Tensor]:
+        u, diff, _ = self._differences(problem)
+        (name,) = problem.names
+        return self._rows(problem, problem.broadcast(diff, name) * (u - 0.5))
+
+
+@register_estimator("disarm")
+class DisARM(_Antithetic):
+    r"""DisARM, ARM with the antithetic uniform integrated out (Dong, Mnih and Tucker 2020).
+
+    With the same pair as :class:`ARM`, conditioning on :math:`(b, \tilde b)` and integrating
+    over the :math:`u` that produce it gives
+
+    .. math:: \hat g_\phi = \tfrac12\big(f(b) - f(\tilde b)\big)\,(-1)^{\tilde b}\,
+        \mathbf 1[b \ne \tilde b]\,\sigma(|\phi|),
+
+    unbiased, with a variance never larger than ARM's (a Rao-Blackwellisation; Yin, Ho and Zhou
+    2020 derive the same estimator as U2G). Rows are one per pair.
+    """
+
+    def estimate(self, problem: Problem) -> dict[str, Tensor]:
+        u, diff, logits = self._differences(problem)
+        p = torch.sigmoid(logits)
+        b_tilde = (1.0 - u < p).to(u.dtype)
+        b = (u < p).to(u.dtype)
+        (name,) = problem.names
+        sign = 1.0 - 2.0 * b_tilde  # (-1)^{b~}
+        weight = sign * (b != b_tilde).to(u.dtype) * torch.sigmoid(logits.abs())
+        # f(b) - f(b~) = -diff
+        return self._rows(problem, -0.5 * problem.broadcast(diff, name) * weight)
+
+
+@register_estimator("straight_through")
+class StraightThrough(PathwiseEstimator):
+    r"""Straight-through (Bengio, Léonard and Courville 2013): the discrete sample forward, the
+    gradient of its mean backward.
+
+    ``f`` is evaluated at :math:`z \sim p_\theta` and differentiated as if :math:`z` were its
+    mean, :math:`z + (\mathbb{E}[z] - \bot\mathbb{E}[z])`: the estimate is
+    :math:`\nabla_z f(z)\,\partial\mathbb{E}[z]/\partial\theta`, biased for any ``f`` that is not
+    linear. ``f`` must be differentiable in the (one-hot) sample, so a categorical variable is
+    given as ``OneHotCategorical``.
+    """
+
+    families = (Bernoulli, OneHotCategorical)
+    biased = True
+
+    def check(self, problem: Problem, **options: Any) -> None:
+        base = problem.resolved.base
+        if not isinstance(base, (Bernoulli, OneHotCategorical)):
+            raise ValueError(
+                f"the straight_through estimator passes gradients through a Bernoulli or "
+                f"one-hot sample, got {type(base).__name__}; for a categorical variable build "
+                "OneHotCategorical(logits=...) (f then receives one-hot vectors)"
+            )
+
+    def path(self, dist: Distribution, sample_shape: tuple[int, ...], **options: Any) -> Tensor:
+        with torch.no_grad():
+            z = dist.sample(torch.Size(sample_shape))
+        mean = base_distribution(dist)[0].mean
+        return z + (mean - mean.detach())
+
+
+@register_estimator("enumerate", families=(Bernoulli, Categorical, OneHotCategorical))
+class Enumerate(PathwiseEstimator):
+    r"""Exact marginalisation of a small discrete site: :math:`\sum_z p_\theta(z) f(z)`.
+
+    Every joint state of the site's coordinates is enumerated: under a declared plate, the
+    coordinates of one batch element (each element takes its :math:`j`-th state at once, which
+    is exact because its cost depends on it alone); otherwise all of them, which must number at
+    most :math:`2^{16}` states. The value in :func:`~gradkit.autodiff.expectation` is the exact
+    expectation, differentiated by autograd through :math:`p_\theta(z)` and through ``f``, so a
+    decoder inside ``f`` gets its exact gradient too. The per-sample interface returns one row,
+    the exact gradient, whatever ``num_samples`` is.
+    """
+
+    families = (Bernoulli, Categorical, OneHotCategorical)
+    benefits_from_plate = True
+
+    def check(self, problem: Problem, **options: Any) -> None:
+        base = problem.resolved.base
+        if not isinstance(base, (Bernoulli, Categorical, OneHotCategorical)):
+            raise ValueError(
+                f"the enumerate estimator sums over the states of a Bernoulli, Categorical or "
+                f"OneHotCategorical site, got {type(base).__name__}; for continuous "
+                "distributions use 'pathwise' or gk.quadrature"
+            )
+        self._states(problem.dist, problem.plate)  # raises when there are too many
+
+    @staticmethod
+    def _states(dist: Distribution, plate: bool) -> Tensor:
+        """Every joint state, ``(N, *batch_shape, *event_shape)``, each plate element alike."""
+        base: Any = base_distribution(dist)[0]
+        one_hot = isinstance(base, OneHotCategorical)
+        values = 2 if isinstance(base, Bernoulli) else base.probs.shape[-1]
+        plate_ndim = len(dist.batch_shape) if plate else 0
+        coords = tuple(base.batch_shape)[plate_ndim:]
+        count = values ** math.prod(coords)
+        if count > _MAX_STATES:
+            hint = "" if plate else " Declare plate=True if the cost is one value per element."
+            raise ValueError(
+                f"enumerating {values}^{math.prod(coords)} = {count} joint states is too many "
+                f"(at most {_MAX_STATES}).{hint} Otherwise use a sampling estimator "
+                "('score_function', 'rao_blackwell', 'disarm')"
+            )
+        device = base.probs.device
+        coordinates = math.prod(coords)  # per plate element, or in all; 1 for a single one
+        grids = torch.meshgrid(*[torch.arange(values, device=device)] * coordinates, indexing="ij")
+        index = torch.stack([g.reshape(-1) for g in grids], -1)  # (count, coordinates)
+        plate_shape = tuple(base.batch_shape)[:plate_ndim]
+        states = index.reshape(count, *([1] * plate_ndim), *coords)
+        states = states.expand(count, *plate_shape, *coords)
+        dtype = base.probs.dtype
+        if one_hot:
+            return torch.nn.functional.one_hot(states, values).to(dtype)
+        return states.to(dtype) if isinstance(base, Bernoulli) else states
+
+    def forward_path(self, problem: Problem, **options: Any) -> Tensor:
+        return self._states(problem.dist, problem.plate)
+
+    def sample(self, problem: Problem) -> Tensor:
+        return self._states(problem.dist, problem.plate)
+
+    def _weights(self, dist: Distribution, states: Tensor, plate: bool) -> Tensor:
+        """:math:`p_\\theta(z_j)`, ``(N, *plate_shape)``: one weight per state (and element)."""
+        log_p = log_prob(dist, states)
+        if not plate:
+            log_p = log_p.reshape(log_p.shape[0], -1).sum(-1)
+        return log_p.exp()
+
+    def value(self, problem: Problem, fx: Tensor) -> Tensor:
+        states = self._states(problem.dist, problem.plate)
+        weights = self._weights(problem.dist, states, problem.plate)
+        weights = weights.reshape(*weights.shape, *([1] * (fx.dim() - weights.dim())))
+        return (weights * fx).sum(0)
+
+    def estimate(self, problem: Problem, **options: Any) -> dict[str, Tensor]:
+        states = self._states(problem.dist, problem.plate)
+
+        def exact(rebuilt: Distribution) -> Tensor:
+            weights = self._weights(rebuilt, states, problem.plate)
+            return (weights * problem.signal_with_grad(states)).sum().unsqueeze(0)
+
+        return problem.per_sample_gradients(exact, rows=1)
