@@ -21,6 +21,7 @@ from gradkit import (
     scg,
 )
 from gradkit.autodiff import expectation
+from gradkit.discrete import vimco
 from gradkit.distributions import DoubleSidedMaxwell
 from gradkit.estimators import measure_valued, pathwise, score, score_function
 from gradkit.per_sample import per_sample_grads
@@ -64,4 +65,5 @@ __all__ = [
     "scg",
     "score",
     "score_function",
+    "vimco",
 ]

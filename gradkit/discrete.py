@@ -10,6 +10,8 @@ the estimators here use the structure of the discrete variable instead. All are 
   ``num_samples`` counts the draws (an even number, two per pair) and the rows are one per pair.
 * ``straight_through`` (Bengio, Léonard and Courville 2013) evaluates ``f`` at the discrete
   sample and passes the gradient of the sample's mean back: biased by design.
+* :func:`vimco` (Mnih and Rezende 2016) estimates another objective, the multi-sample bound
+  :math:`\log \frac1K \sum_k e^{f(z_k)}`, so it is a function of its own.
 * ``enumerate`` sums ``f`` over every state of a small discrete site, exactly (no variance),
   with ``f`` evaluated with gradients on, so that parameters inside ``f`` get their exact
   gradients too, as Pyro's enumeration does.
@@ -18,6 +20,7 @@ the estimators here use the structure of the discrete variable instead. All are 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -27,9 +30,9 @@ from torch.distributions import Bernoulli, Categorical, Distribution, OneHotCate
 from gradkit._engine import log_prob
 from gradkit.distributions import base_distribution
 from gradkit.estimators import PathwiseEstimator
-from gradkit.registry import Estimator, Problem, register_estimator
+from gradkit.registry import ESTIMATORS, Estimator, Problem, register_estimator
 
-__all__ = ["ARM", "DisARM", "Enumerate", "StraightThrough"]
+__all__ = ["ARM", "DisARM", "Enumerate", "StraightThrough", "vimco"]
 
 _MAX_STATES = 2**16
 
@@ -252,3 +255,73 @@ class Enumerate(PathwiseEstimator):
             return (weights * problem.signal_with_grad(states)).sum().unsqueeze(0)
 
         return problem.per_sample_gradients(exact, rows=1)
+
+
+def vimco(
+    f: Callable[[Tensor], Tensor],
+    dist: Distribution,
+    num_samples: int,
+    *,
+    plate: bool = False,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    r"""The multi-sample bound :math:`\log \frac1K \sum_k e^{f(z_k)}` with VIMCO's gradient.
+
+    For :math:`K` draws :math:`z_k \sim q_\theta` and a log-weight ``f`` (in a variational
+    model, :math:`\log p(x, z) - \log q(z)`), the value is the bound
+    :math:`\hat L = \log \frac1K \sum_k e^{f(z_k)}`, whose expectation is a tighter bound than the
+    ELBO as :math:`K` grows. Its score-function gradient gives each sample the learning signal
+    :math:`\hat L - \hat L_{-k}`, where :math:`\hat L_{-k}` replaces :math:`f(z_k)` by the mean
+    of the other log-weights: a baseline that does not depend on :math:`z_k`, so the estimate
+    stays unbiased for :math:`\nabla_\theta \mathbb{E}[\hat L]` (Mnih and Rezende 2016). Tensors
+    inside ``f`` get their ordinary gradient, weighted by the normalised importance weights.
+
+    Args:
+        f: log-weights, samples ``(K, *batch, *event)`` -> ``(K, *T)``.
+        dist: the proposal :math:`q_\theta`, with a differentiable ``log_prob``.
+        num_samples: :math:`K \ge 2`.
+        plate: declare one bound per batch element (``T == batch_shape``, element ``b``
+            depending only on ``z[:, b]``); then each element's proposal is credited with its
+            own bound.
+        generator: a ``torch.Generator`` for the draws.
+
+    Returns:
+        the bound, shape ``T``; ``backward()`` gives VIMCO's gradient.
+
+    Raises:
+        ValueError: for ``num_samples < 2`` or a plate with the wrong output shape.
+
+    Example:
+        >>> import torch, gradkit as gk
+        >>> logits = torch.zeros(3, requires_grad=True)
+        >>> q = torch.distributions.Bernoulli(logits=logits)
+        >>> bound = gk.vimco(lambda z: -((z - 0.3) ** 2), q, 8, plate=True)
+        >>> bound.shape, bool((bound <= 0).all())
+        (torch.Size([3]), True)
+    """
+    est = ESTIMATORS["score_function"]
+    if isinstance(num_samples, int) and not isinstance(num_samples, bool) and num_samples < 2:
+        raise ValueError(
+            f"VIMCO's baseline for each sample averages the other samples, so num_samples must "
+            f"be at least 2, got {num_samples}; draw K >= 2 samples"
+        )
+    problem = est.problem(f, dist, num_samples, plate=plate, generator=generator, options={})
+    with torch.no_grad():
+        z = est.sample(problem).detach()
+    fx = problem.evaluate(z)  # (K, *T), with f's own gradients
+    k = num_samples
+    bound = torch.logsumexp(fx, 0) - math.log(k)
+    with torch.no_grad():
+        others = (fx.sum(0, keepdim=True) - fx) / (k - 1)  # mean of the other log-weights
+        # log-mean-exp with f(z_k) replaced by that mean, for every k at once
+        swapped = fx.unsqueeze(0).expand(k, *fx.shape).clone()
+        index = torch.arange(k, device=fx.device)
+        swapped[index, index] = others
+        leave_out = torch.logsumexp(swapped, 1) - math.log(k)  # (K, *T)
+        signal = bound.detach().unsqueeze(0) - leave_out
+    log_q = log_prob(problem.dist, z)  # (K, *batch_shape)
+    if not plate:
+        log_q = log_q.reshape(k, -1).sum(-1)
+    log_q = log_q.reshape(*log_q.shape, *([1] * (signal.dim() - log_q.dim())))
+    surrogate = (signal * (log_q - log_q.detach())).sum(0)
+    return bound + surrogate
