@@ -251,6 +251,13 @@ def gradients(
 _SEED_HIGH = 2**62
 
 
+def _index(device: torch.device) -> tuple[str, int]:
+    """A device with its index filled in (``cuda`` is the current CUDA device)."""
+    if device.index is not None or device.type != "cuda":
+        return device.type, device.index or 0
+    return device.type, torch.cuda.current_device()
+
+
 class Stream:
     """The random numbers of one estimator call, drawn from one ``torch.Generator``.
 
@@ -276,7 +283,7 @@ class Stream:
         self.seeds: dict[str, int] | None = None
         self.states: dict[str, Tensor] = {}
         if generator is not None:
-            if generator.device.type != device.type:
+            if _index(generator.device) != _index(device):
                 raise ValueError(
                     f"the generator is on {generator.device} but the distribution's parameters "
                     f"are on {device}; create it there, torch.Generator(device={str(device)!r})"

@@ -185,7 +185,9 @@ def _categorical_logits_mean(
     """
     logits = base.logits
     batch = tuple(base.batch_shape)
-    weights = problem.broadcast(centred).expand(x.shape).to(logits.dtype)  # (S, *B)
+    # the signal (S, *plate) padded against the base's batch (Independent adds dimensions)
+    extra = len(batch) - (centred.dim() - 1)
+    weights = centred.reshape(*centred.shape, *([1] * extra)).expand(x.shape).to(logits.dtype)
     table = torch.zeros(math.prod(batch) * logits.shape[-1], dtype=logits.dtype, device=x.device)
     offsets = torch.arange(math.prod(batch), device=x.device).reshape(batch) * logits.shape[-1]
     table.index_add_(0, (x.long() + offsets).reshape(-1), weights.reshape(-1))

@@ -96,6 +96,15 @@ PAIR = torch.tensor(
 )
 
 
+def _independent_categorical_expected(logits: Tensor, centre: float = 1.5) -> Tensor:
+    """E[sum_i (z_i - centre)^2 + z_0 z_1] for independent categoricals over 0..K-1."""
+    p = logits.softmax(-1)
+    values = torch.arange(p.shape[-1], dtype=p.dtype)
+    squares = (p * (values - centre) ** 2).sum()
+    means = (p * values).sum(-1)
+    return squares + means[0] * means[1]
+
+
 def _categorical_pair_expected(logits: Tensor) -> Tensor:
     p = logits.softmax(-1)
     return (p[0][:, None] * p[1][None, :] * PAIR).sum()
@@ -166,6 +175,26 @@ CASES = [
         lambda logits: OneHotCategorical(logits=logits),
         lambda y: (y * TABLE.to(y.dtype)).sum(-1),
         _autograd_exact(lambda logits: (logits.softmax(-1) * TABLE).sum()),
+        plate=True,
+    ),
+    Case(
+        "independent-categorical-coupled",
+        {"logits": [[0.3, -0.5, 1.0, 0.0], [0.2, 0.1, -1.0, 0.6], [1.0, 0.0, 0.0, -1.0]]},
+        lambda logits: Independent(Categorical(logits=logits), 1),
+        lambda z: ((z - 1.5) ** 2).sum(-1) + z[..., 0] * z[..., 1],
+        _autograd_exact(lambda logits: _independent_categorical_expected(logits)),
+        plate=False,
+    ),
+    Case(
+        "independent-categorical-plate",
+        {"logits": [[[0.3, -0.5, 1.0], [0.2, 0.1, -1.0]], [[1.0, 0.0, -1.0], [0.0, 0.5, 0.5]]]},
+        lambda logits: Independent(Categorical(logits=logits), 1),
+        lambda z: ((z - 1.0) ** 2).sum(-1) + z[..., 0] * z[..., 1],
+        _autograd_exact(
+            lambda logits: sum(
+                _independent_categorical_expected(logits[b], centre=1.0) for b in range(2)
+            )
+        ),
         plate=True,
     ),
     Case(
