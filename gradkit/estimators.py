@@ -21,6 +21,12 @@ that ``f`` returns ``(S, *batch_shape)`` and that output element ``b`` depends o
 ``x[:, b]``; then each parameter element is credited only with its own element's cost (lower
 variance), and the measure-valued estimator perturbs one event coordinate for the whole batch
 at once. ``generator`` (a ``torch.Generator``) supplies all of a call's randomness.
+
+Keys and shapes follow the tensors the distribution stores: torch broadcasts ``Normal``'s
+``loc`` and ``scale`` to the batch shape, so a scalar ``scale`` shared by a batch of three has
+per-sample estimates of shape ``(S, 3)``, one per element it was broadcast to; their sum over
+the batch is the estimate for the scalar (which is what :func:`~gradkit.autodiff.expectation`
+sends to it).
 """
 
 from __future__ import annotations

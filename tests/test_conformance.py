@@ -50,6 +50,7 @@ BUILT_IN = (
     "disarm",
     "straight_through",
     "enumerate",
+    "indecater",
 )
 NUM_SAMPLES = 20_000
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
