@@ -159,15 +159,10 @@ class StraightThrough(PathwiseEstimator):
 
     families = (Bernoulli, OneHotCategorical)
     biased = True
-
-    def check(self, problem: Problem, **options: Any) -> None:
-        base = problem.resolved.base
-        if not isinstance(base, (Bernoulli, OneHotCategorical)):
-            raise ValueError(
-                f"the straight_through estimator passes gradients through a Bernoulli or "
-                f"one-hot sample, got {type(base).__name__}; for a categorical variable build "
-                "OneHotCategorical(logits=...) (f then receives one-hot vectors)"
-            )
+    instead = (
+        "it passes gradients through the sample itself: for a categorical variable build "
+        "OneHotCategorical(logits=...) (f then receives one-hot vectors)"
+    )
 
     def path(self, dist: Distribution, sample_shape: tuple[int, ...], **options: Any) -> Tensor:
         with torch.no_grad():
@@ -192,14 +187,13 @@ class Enumerate(PathwiseEstimator):
     families = (Bernoulli, Categorical, OneHotCategorical)
     benefits_from_plate = True
 
+    instead = (
+        "it sums over the states of a discrete site; for continuous distributions use "
+        "'pathwise' or gk.quadrature"
+    )
+
     def check(self, problem: Problem, **options: Any) -> None:
-        base = problem.resolved.base
-        if not isinstance(base, (Bernoulli, Categorical, OneHotCategorical)):
-            raise ValueError(
-                f"the enumerate estimator sums over the states of a Bernoulli, Categorical or "
-                f"OneHotCategorical site, got {type(base).__name__}; for continuous "
-                "distributions use 'pathwise' or gk.quadrature"
-            )
+        super().check(problem)
         self._states(problem.dist, problem.plate)  # raises when there are too many
 
     @staticmethod
@@ -349,15 +343,7 @@ class IndeCateR(Estimator):
     """
 
     families = (Categorical, OneHotCategorical)
-
-    def check(self, problem: Problem, **options: Any) -> None:
-        base = problem.resolved.base
-        if not isinstance(base, (Categorical, OneHotCategorical)):
-            raise ValueError(
-                f"the indecater estimator sums the categories of Categorical or "
-                f"OneHotCategorical variables, got {type(base).__name__}; for Bernoulli "
-                "variables use 'disarm' or 'measure_valued'"
-            )
+    instead = "for Bernoulli variables use 'disarm' or 'measure_valued'"
 
     def estimate(self, problem: Problem) -> dict[str, Tensor]:
         from gradkit.weak_derivatives import _perturbed_costs

@@ -357,6 +357,11 @@ class Estimator:
 
     name: str = ""
     families: tuple[type, ...] | None = None
+    #: what to use instead, in the refusal of a distribution outside ``families``
+    instead: str = (
+        "choose another estimator from gk.ESTIMATORS (score_function works for any "
+        "distribution with a differentiable log_prob)"
+    )
     biased: bool = False
     reparameterised: bool = False
     benefits_from_plate: bool = True
@@ -373,8 +378,7 @@ class Estimator:
             names = ", ".join(t.__name__ for t in self.families)
             raise ValueError(
                 f"the {self.name} estimator supports {names}, got {type(base).__name__}; "
-                f"choose another estimator from gk.ESTIMATORS (score_function works for any "
-                "distribution with a differentiable log_prob)"
+                f"{self.instead}"
             )
 
     def sample(self, problem: Problem) -> Tensor:
