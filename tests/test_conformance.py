@@ -51,6 +51,7 @@ BUILT_IN = (
     "straight_through",
     "enumerate",
     "indecater",
+    "gumbel_rao",
 )
 NUM_SAMPLES = 20_000
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
@@ -289,6 +290,7 @@ def test_every_built_in_is_registered_with_its_properties():
         "gumbel_softmax",
         "straight_through_gumbel",
         "straight_through",
+        "gumbel_rao",
     }
 
 
@@ -365,7 +367,7 @@ BIASED = [
     for name in BUILT_IN
     if gk.ESTIMATORS[name].biased
     for case in ("bernoulli-coupled", "categorical-plate", "onehot-plate")
-    if not (name == "straight_through" and case == "categorical-plate")  # it needs one-hot
+    if not (name in ("straight_through", "gumbel_rao") and case == "categorical-plate")
 ]
 
 

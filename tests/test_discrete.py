@@ -145,3 +145,39 @@ def test_vimco_errors():
         gk.vimco(lambda z: z, Bernoulli(torch.tensor(0.3)), 1)
     with pytest.raises(ValueError, match="plate=True declares"):
         gk.vimco(lambda z: z.sum(-1), Bernoulli(torch.full((3,), 0.3)), 4, plate=True)
+
+
+@pytest.mark.parametrize("kind", ["one-hot", "bernoulli"])
+def test_gumbel_rao_has_the_straight_through_bias_and_less_variance(kind):
+    logits = torch.tensor([0.5, -0.3, 1.2, 0.0], dtype=torch.float64)
+    dist = OneHotCategorical(logits=logits) if kind == "one-hot" else Bernoulli(logits=logits)
+    c = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)
+
+    def f(y):
+        return (y * c).sum(-1) ** 2
+
+    st = gk.ESTIMATORS["straight_through_gumbel"](
+        f, dist, 40_000, temperature=0.5, generator=torch.Generator().manual_seed(5)
+    )["logits"]
+    rao = gk.ESTIMATORS["gumbel_rao"](
+        f,
+        dist,
+        40_000,
+        temperature=0.5,
+        num_relaxations=20,
+        generator=torch.Generator().manual_seed(6),
+    )["logits"]
+    # the same expectation: conditioning on the sample only averages the noise out
+    se = (st.var(0) / st.shape[0] + rao.var(0) / rao.shape[0]).sqrt()
+    assert torch.all((st.mean(0) - rao.mean(0)).abs() <= 4.5 * se)
+    assert torch.all(rao.var(0) < st.var(0))
+
+
+def test_gumbel_rao_errors():
+    dist = OneHotCategorical(logits=torch.zeros(3))
+    with pytest.raises(ValueError, match="num_relaxations must be at least 1"):
+        gk.ESTIMATORS["gumbel_rao"](lambda y: y.sum(-1), dist, 4, num_relaxations=0)
+    with pytest.raises(ValueError, match="temperature"):
+        gk.ESTIMATORS["gumbel_rao"](lambda y: y.sum(-1), dist, 4, temperature=0.0)
+    with pytest.raises(ValueError, match="build OneHotCategorical"):
+        gk.ESTIMATORS["gumbel_rao"](lambda z: z.float(), Categorical(logits=torch.zeros(3)), 4)
