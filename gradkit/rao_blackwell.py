@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
-from torch.distributions import Categorical, Distribution
+from torch.distributions import Bernoulli, Categorical, Distribution
 
 from gradkit import _checks
 from gradkit.diagnostics import gradient_variance
@@ -94,19 +94,42 @@ class _Split(NamedTuple):
     complement: Categorical  # q(z | z not in C)
 
 
-def _split(dist: Categorical, k: int) -> _Split:
-    probs = dist.probs.detach()
+def _site(dist: Distribution) -> Categorical | Bernoulli:
+    """A Categorical or Bernoulli site (exactly those types: subclasses may draw differently)."""
+    if type(dist) not in (Categorical, Bernoulli):
+        raise ValueError(
+            f"the rao_blackwell estimator sums the categories of a Categorical or the two values "
+            f"of a Bernoulli, got {type(dist).__name__}; use 'score_function' (or 'indecater' "
+            "for OneHotCategorical) for other distributions"
+        )
+    return dist  # type: ignore[return-value]
+
+
+def _table(dist: Categorical | Bernoulli) -> tuple[Tensor, Tensor]:
+    """Probabilities and log-probabilities ``(*B, K)``; a Bernoulli is the categories 0 and 1."""
+    if isinstance(dist, Bernoulli):
+        p = dist.probs.detach()
+        logits = dist.logits.detach()
+        return torch.stack([1.0 - p, p], -1), torch.stack([torch.zeros_like(logits), logits], -1)
+    return dist.probs.detach(), dist.logits.detach()
+
+
+def _split(dist: Categorical | Bernoulli, k: int) -> _Split:
+    probs, table = _table(dist)
     top_probs, top = probs.topk(k, dim=-1)  # (*B, k)
     in_top = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, top, True)
     rest = (probs * ~in_top).sum(-1)  # exactly zero when nothing is left to sample
-    logits = dist.logits.detach().masked_fill(in_top, float("-inf"))
+    logits = table.masked_fill(in_top, float("-inf"))
     empty = ~torch.isfinite(logits).any(-1, keepdim=True)
-    logits = torch.where(empty, dist.logits.detach(), logits)  # weight `rest` is 0 there
+    logits = torch.where(empty, table, logits)  # weight `rest` is 0 there
     complement = Categorical(logits=logits, validate_args=False)
-    return _Split(top.movedim(-1, 0), top_probs.movedim(-1, 0), rest, complement)
+    top = top.movedim(-1, 0)
+    if isinstance(dist, Bernoulli):  # the category is the value: 0 or 1, in the sample's dtype
+        top = top.to(probs.dtype)
+    return _Split(top, top_probs.movedim(-1, 0), rest, complement)
 
 
-@register_estimator("rao_blackwell", families=(Categorical,))
+@register_estimator("rao_blackwell", families=(Categorical, Bernoulli))
 class RaoBlackwell(ScoreFunction):
     r"""Sum and sample: the ``num_summed`` most probable categories exactly, the rest sampled.
 
@@ -116,30 +139,34 @@ class RaoBlackwell(ScoreFunction):
         \sum_{c\in C} q(c)\,(f(c) - b_s)\,s(c) + (1 - q(C))\,(f(\tilde z_s) - b_s)\,
         s(\tilde z_s)
 
-    (Liu et al. 2019). Its value in :func:`~gradkit.autodiff.expectation` is the matching estimate
+    (Liu et al. 2019). A Bernoulli site is the categorical over its values 0 and 1. Its value
+    in :func:`~gradkit.autodiff.expectation` is the matching estimate
     :math:`\sum_{c\in C} q(c) f(c) + (1 - q(C))\,\overline{f(\tilde z)}`, with ``f``
     evaluated with gradients on at the summed categories too.
     """
 
-    families = (Categorical,)
+    families = (Categorical, Bernoulli)
 
     def check(self, problem: Problem, *, num_summed: int = 1, baseline: Any = None) -> None:
-        dist = _check_dist(problem.dist)
-        _check_num_summed(num_summed, dist.probs.shape[-1])
+        dist = _site(problem.dist)
+        _check_num_summed(num_summed, _table(dist)[0].shape[-1])
         _check_plate(dist, problem.plate)
         super().check(problem)
 
     def _split(self, problem: Problem) -> _Split:
         cached = getattr(problem, "_rao_blackwell_split", None)
         if cached is None:
-            dist = _check_dist(problem.dist)
+            dist = _site(problem.dist)
             cached = _split(dist, problem.options.get("num_summed", 1))
             problem._rao_blackwell_split = cached  # type: ignore[attr-defined]
         return cached
 
     def sample(self, problem: Problem) -> Tensor:
         with problem.forward_randomness():
-            return self._split(problem).complement.sample((problem.num_samples,))
+            z = self._split(problem).complement.sample((problem.num_samples,))
+        if isinstance(problem.dist, Bernoulli):  # the sampled category is the value
+            return z.to(problem.resolved.dtype)
+        return z
 
     def value(self, problem: Problem, fx: Tensor) -> Tensor:
         split = self._split(problem)

@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from torch.distributions import Bernoulli, Categorical
+from torch.distributions import Bernoulli, Categorical, Normal
 
 import gradkit as gk
 from gradkit import rao_blackwell as rb
@@ -97,8 +97,8 @@ def test_dtype_and_device_follow_the_distribution():
 
 def test_errors():
     dist = Categorical(logits=LOGITS)
-    with pytest.raises(TypeError, match="Categorical"):
-        rb.sum_and_sample(lambda z: z, Bernoulli(probs=torch.tensor(0.3)), 4)
+    with pytest.raises(ValueError, match="a Categorical or the two values of a Bernoulli"):
+        rb.sum_and_sample(lambda z: z, Normal(torch.tensor(0.0), torch.tensor(1.0)), 4)
     with pytest.raises(ValueError, match="num_summed must be between 0 and the number"):
         rb.sum_and_sample(plate_cost, dist, 4, num_summed=7, plate=True)
     with pytest.raises(TypeError, match="num_summed must be a Python int"):
@@ -223,3 +223,29 @@ def test_check_unbiased_detects_a_bias(monkeypatch):
 def test_check_unbiased_errors():
     with pytest.raises(ValueError, match="num_samples must be at least 2"):
         rb.check_unbiased(plate_cost, Categorical(logits=LOGITS), 1, plate=True)
+
+
+@pytest.mark.parametrize("param", ["probs", "logits"])
+def test_a_bernoulli_site_is_two_categories(param):
+    p0 = torch.tensor(0.3, dtype=torch.float64)
+    value = p0 if param == "probs" else p0.logit()
+    leaf = value.clone().requires_grad_()
+    dist = Bernoulli(**{param: leaf})
+
+    def f(z):  # two outputs, summed by the default (coupled) contract
+        return torch.stack([2 * z, (z - 0.3) ** 2], -1)
+
+    exact_leaf = value.clone().requires_grad_()
+    p = exact_leaf if param == "probs" else torch.sigmoid(exact_leaf)
+    expected = p * (2 + 0.49) + (1 - p) * 0.09
+    (exact,) = torch.autograd.grad(expected, exact_leaf)
+    # one value summed exactly, the other the only one left: every row is exact
+    rows = rb.sum_and_sample(f, Bernoulli(**{param: value}), 6, num_summed=1)[param]
+    torch.testing.assert_close(rows, exact.expand(6))
+    # none summed: the plain score function, unbiased
+    plain = rb.sum_and_sample(f, Bernoulli(**{param: value}), 40_000, num_summed=0)[param]
+    assert_unbiased(plain, exact)
+    out = gk.expectation(f, dist, 6, estimator="rao_blackwell", num_summed=1)
+    torch.testing.assert_close(out.sum(), expected.detach())
+    out.sum().backward()
+    torch.testing.assert_close(leaf.grad, exact)
