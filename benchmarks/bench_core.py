@@ -260,15 +260,19 @@ def plot(per_call: Any, scale: Any) -> Any:
     fig, (left, middle, right) = plt.subplots(1, 3, figsize=(13, 3.6))
     done = per_call.dropna(subset=["ms_per_call"])
     left.barh(done["implementation"], done["ms_per_call"], color="tab:blue")
-    left.set(xscale="log", xlabel="ms per call (one Bernoulli, 100 samples, leave-one-out)")
+    left.set(xlabel="ms per call (one Bernoulli, 100 samples, leave-one-out)")
     left.invert_yaxis()
+    sizes = sorted(scale["samples"].unique())
     for label, rows in scale.groupby("implementation", sort=False):
         middle.plot(rows["samples"], rows["ms_per_step"], "o-", label=label)
         right.plot(rows["samples"], rows["peak_mb_above_start"], "o-", label=label)
-    middle.set(
-        xscale="log", xlabel="samples", ylabel="ms per step", title="Categorical (64, 10000)"
-    )
-    right.set(xscale="log", xlabel="samples", ylabel="peak MB above start")
+    for ax in (middle, right):
+        ax.set_xscale("log")
+        ax.set_xticks(sizes, [str(s) for s in sizes])
+        ax.minorticks_off()
+        ax.set_xlabel("samples")
+    middle.set(ylabel="ms per step", title="REINFORCE on Categorical (64, 10000)")
+    right.set(ylabel="peak MB above start")
     right.legend(fontsize=8)
     fig.tight_layout()
     return fig
