@@ -26,7 +26,6 @@ Two measurements of the per-sample engine and the registry behind every estimato
 
 from __future__ import annotations
 
-import argparse
 import math
 import multiprocessing
 import resource
@@ -41,7 +40,7 @@ import torch
 import gradkit as gk
 from benchmarks import peers as peer_lib
 from benchmarks import problems
-from benchmarks.common import RESULTS, write_results
+from benchmarks.common import RESULTS, main_for, write_results
 
 __all__ = ["per_call_rows", "run", "scale_rows"]
 
@@ -310,14 +309,5 @@ def run(out: Path = RESULTS, *, quick: bool = False, peers: Sequence[str] | None
     plt.close(fig)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_core", description=__doc__)
-    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the results")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (to test the script)")
-    args = parser.parse_args(argv)
-    run(args.out, quick=args.quick)
-    return 0
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main_for(run, __doc__.splitlines()[0]))

@@ -50,6 +50,7 @@ __all__ = [
     "Resolved",
     "Stream",
     "closed_form_scores",
+    "flat_index",
     "gradients",
     "leaf_gradients",
     "log_prob",
@@ -64,7 +65,6 @@ class Resolved:
     Attributes:
         dist: the distribution as the user built it.
         base: the distribution under any ``Independent`` wrappers.
-        reinterpreted: how many batch dimensions the wrappers turn into event dimensions.
         params: parameter name -> tensor (the distribution's own tensors, not copies).
         support: names of the parameters that move the support (``Uniform`` bounds).
         batch_shape: ``dist.batch_shape``.
@@ -73,7 +73,6 @@ class Resolved:
 
     dist: Distribution
     base: Distribution
-    reinterpreted: int
     params: dict[str, Tensor]
     support: tuple[str, ...]
     batch_shape: torch.Size
@@ -97,18 +96,23 @@ def resolve(dist: object) -> Resolved:
     """Read ``dist`` once (raises the input checks' errors for a non-distribution)."""
     d = _checks.check_distribution(dist)
     params = parameters(d)
-    base, ndims = base_distribution(d)
+    base, _ = base_distribution(d)
     batch = tuple(d.batch_shape)
     return Resolved(
         dist=d,
         base=base,
-        reinterpreted=ndims,
         params=params,
         support=tuple(n for n in support_parameters(d) if n in params),
         batch_shape=d.batch_shape,
         event_shape=d.event_shape,
         batch_first={n: tuple(p.shape[: len(batch)]) == batch for n, p in params.items()},
     )
+
+
+def flat_index(x: Tensor, batch: tuple[int, ...], categories: int) -> Tensor:
+    """Positions of categories ``x`` ``(*lead, *batch)`` in a flattened ``(*batch, K)`` table."""
+    offsets = torch.arange(math.prod(batch), device=x.device).reshape(batch) * categories
+    return x.long() + offsets
 
 
 def log_prob(dist: Distribution, x: Tensor) -> Tensor:
@@ -127,9 +131,7 @@ def log_prob(dist: Distribution, x: Tensor) -> Tensor:
     ):
         # index the flattened table: the backward pass scatters into a table-sized gradient
         table = base.logits  # normalised by the constructor
-        categories = table.shape[-1]
-        offsets = torch.arange(math.prod(batch), device=x.device).reshape(batch) * categories
-        out = table.reshape(-1)[x.long() + offsets]
+        out = table.reshape(-1)[flat_index(x, batch, table.shape[-1])]
     elif type(base) is OneHotCategorical:
         out = (x * base.logits.clamp_min(torch.finfo(base.logits.dtype).min)).sum(-1)
     else:

@@ -197,7 +197,10 @@ class Enumerate(PathwiseEstimator):
 
     def check(self, problem: Problem, **options: Any) -> None:
         super().check(problem)
-        self._states(problem.dist, problem.plate)  # raises when there are too many
+        self._problem_states(problem)  # raises when there are too many
+
+    def _problem_states(self, problem: Problem) -> Tensor:
+        return problem.memo("states", lambda: self._states(problem.dist, problem.plate))
 
     @staticmethod
     def _states(dist: Distribution, plate: bool) -> Tensor:
@@ -228,10 +231,10 @@ class Enumerate(PathwiseEstimator):
         return states.to(dtype) if isinstance(base, Bernoulli) else states
 
     def forward_path(self, problem: Problem, **options: Any) -> Tensor:
-        return self._states(problem.dist, problem.plate)
+        return self._problem_states(problem)
 
     def sample(self, problem: Problem) -> Tensor:
-        return self._states(problem.dist, problem.plate)
+        return self._problem_states(problem)
 
     def _weights(self, dist: Distribution, states: Tensor, plate: bool) -> Tensor:
         """:math:`p_\\theta(z_j)`, ``(N, *plate_shape)``: one weight per state (and element)."""
@@ -241,13 +244,13 @@ class Enumerate(PathwiseEstimator):
         return log_p.exp()
 
     def value(self, problem: Problem, fx: Tensor) -> Tensor:
-        states = self._states(problem.dist, problem.plate)
+        states = self._problem_states(problem)
         weights = self._weights(problem.dist, states, problem.plate)
         weights = weights.reshape(*weights.shape, *([1] * (fx.dim() - weights.dim())))
         return (weights * fx).sum(0)
 
     def estimate(self, problem: Problem, **options: Any) -> dict[str, Tensor]:
-        states = self._states(problem.dist, problem.plate)
+        states = self._problem_states(problem)
 
         def exact(rebuilt: Distribution) -> Tensor:
             weights = self._weights(rebuilt, states, problem.plate)

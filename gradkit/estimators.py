@@ -40,7 +40,7 @@ from torch import Tensor
 from torch.distributions import Categorical, Distribution
 
 from gradkit import weak_derivatives as _weak_derivatives  # noqa: F401 (registers it)
-from gradkit._engine import closed_form_scores, gradients, log_prob, resolve
+from gradkit._engine import closed_form_scores, flat_index, gradients, log_prob, resolve
 from gradkit.baselines import Baseline, Constant
 from gradkit.registry import ESTIMATORS, Estimator, Problem, register_estimator
 
@@ -195,8 +195,7 @@ def _categorical_logits_mean(
     extra = len(batch) - (centred.dim() - 1)
     weights = centred.reshape(*centred.shape, *([1] * extra)).expand(x.shape).to(logits.dtype)
     table = torch.zeros(math.prod(batch) * logits.shape[-1], dtype=logits.dtype, device=x.device)
-    offsets = torch.arange(math.prod(batch), device=x.device).reshape(batch) * logits.shape[-1]
-    table.index_add_(0, (x.long() + offsets).reshape(-1), weights.reshape(-1))
+    table.index_add_(0, flat_index(x, batch, logits.shape[-1]).reshape(-1), weights.reshape(-1))
     total = weights.sum(0).unsqueeze(-1)  # (*B, 1)
     return (table.reshape(logits.shape) - total * base.probs.detach()) / x.shape[0]
 

@@ -154,12 +154,8 @@ class RaoBlackwell(ScoreFunction):
         super().check(problem)
 
     def _split(self, problem: Problem) -> _Split:
-        cached = getattr(problem, "_rao_blackwell_split", None)
-        if cached is None:
-            dist = _site(problem.dist)
-            cached = _split(dist, problem.options.get("num_summed", 1))
-            problem._rao_blackwell_split = cached  # type: ignore[attr-defined]
-        return cached
+        k = problem.options.get("num_summed", 1)
+        return problem.memo("rao_blackwell_split", lambda: _split(_site(problem.dist), k))
 
     def sample(self, problem: Problem) -> Tensor:
         with problem.forward_randomness():

@@ -139,7 +139,8 @@ class Problem:
         self._x: Tensor | None = None
         self._fx: Tensor | None = None
         self.output_shape: tuple[int, ...] | None = None
-        self._cache: dict[str, Any] = {}
+        self._cache: dict[str, Any] = {}  # what depends on the signal (reset per copy)
+        self._memo: dict[str, Any] = {}  # what depends on the call only (shared by copies)
 
     # -- the forward pass ---------------------------------------------------------------------
 
@@ -299,6 +300,12 @@ class Problem:
             return closed
         return gradients(self.resolved, lambda d: log_prob(d, x), self.names, x.shape[0])
 
+    def memo(self, key: str, compute: Callable[[], Any]) -> Any:
+        """``compute()`` once per call, shared by the problem's weighted and control copies."""
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
+
     def randomness(self) -> Any:
         """Context for the estimator's own random draws (replayed for a control variate)."""
         return self.stream.phase("estimator")
@@ -401,7 +408,10 @@ class Estimator:
 
     def estimate(self, problem: Problem, **options: Any) -> dict[str, Tensor]:
         """Per-row estimates, ``{name: (R, *param.shape)}`` for every name in problem.names."""
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement estimate(problem, **options) (or register a "
+            "function with @gk.register_estimator)"
+        )
 
     def mean_gradient(self, problem: Problem, **options: Any) -> dict[str, Tensor]:
         """The estimate itself (mean over rows); override when it is cheaper than the rows."""
