@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.distributions import Bernoulli, Categorical, Distribution, OneHotCategorical
 
@@ -37,7 +38,18 @@ from gradkit.estimators import PathwiseEstimator
 from gradkit.registry import ESTIMATORS, Estimator, Problem, register_estimator
 from gradkit.reparam import _check_temperature
 
-__all__ = ["ARM", "DisARM", "Enumerate", "GumbelRao", "IndeCateR", "StraightThrough", "vimco"]
+__all__ = [
+    "ARM",
+    "REBAR",
+    "RELAX",
+    "AdditiveSurrogate",
+    "DisARM",
+    "Enumerate",
+    "GumbelRao",
+    "IndeCateR",
+    "StraightThrough",
+    "vimco",
+]
 
 _MAX_STATES = 2**16
 
@@ -457,3 +469,325 @@ class GumbelRao(PathwiseEstimator):
         self, problem: Problem, *, temperature: float | Tensor = 1.0, num_relaxations: int = 10
     ) -> dict[str, Tensor]:
         return super().estimate(problem, temperature=temperature, num_relaxations=num_relaxations)
+
+
+def _sigmoid_pair(logits: Tensor, noise: Tensor, b: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    r"""The relaxed sample :math:`z = \phi + L` and :math:`\tilde z \sim p(z \mid b)`.
+
+    :math:`L` is the logistic noise that made :math:`b = \mathbf 1[z > 0]`; :math:`\tilde z`
+    thresholds a uniform drawn from the part of :math:`(0, 1)` that gives :math:`b`, written in
+    logs so it stays finite for large :math:`|\phi|`. Both are differentiable in ``logits``.
+    """
+    z = logits + noise
+    up = F.logsigmoid(logits)  # log theta
+    down = F.logsigmoid(-logits)  # log (1 - theta)
+    log_v, log_1mv = torch.log(v), torch.log1p(-v)
+    # b = 1: u = 1 - theta (1 - v); b = 0: u = v (1 - theta)
+    one = torch.logaddexp(down, log_v + up) - (up + log_1mv)
+    zero = (log_v + down) - torch.log1p(-torch.exp(log_v + down))
+    return z, logits + torch.where(b.bool(), one, zero)
+
+
+def _gumbel_pair(
+    logits: Tensor, noise: Tensor, index: Tensor, fresh: Tensor
+) -> tuple[Tensor, Tensor]:
+    r"""The relaxed sample :math:`z = \theta + G` and :math:`\tilde z \sim p(z \mid b)`.
+
+    Given :math:`b = \arg\max z`, the maximum is Gumbel with location
+    :math:`\log\sum_k e^{\theta_k}` and every other coordinate a Gumbel truncated below it
+    (``fresh`` holds :math:`K + 1` new Gumbels: the maximum's, then one per category).
+    """
+    z = logits + noise
+    top = torch.logsumexp(logits, -1, keepdim=True) + fresh[..., :1]
+    others = -torch.logaddexp(-top, -(logits + fresh[..., 1:]))
+    chosen = F.one_hot(index, logits.shape[-1]).bool()
+    return z, torch.where(chosen, top, others)
+
+
+class _Relaxed(Estimator, torch.nn.Module):
+    r"""Shared by REBAR and RELAX: :math:`(f(b) - c(\tilde z))\nabla\log p(b) + \nabla c(z) -
+    \nabla c(\tilde z)`, and the variance objective that tunes :math:`c`.
+
+    The forward samples :math:`b = H(z)` come from the relaxed variable :math:`z` (logistic
+    noise for a Bernoulli, Gumbel noise for a categorical); the backward pass replays that
+    noise and draws the conditional :math:`\tilde z \sim p(z \mid b)` in the estimator's phase.
+    """
+
+    families: tuple[type, ...] = (Bernoulli, Categorical, OneHotCategorical)
+    instead = (
+        "it relaxes a discrete variable; for continuous distributions use 'pathwise' or "
+        "'score_function'"
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    # -- the noise ----------------------------------------------------------------------------
+
+    def _categories(self, problem: Problem) -> int | None:
+        base: Any = problem.resolved.base
+        return None if isinstance(base, Bernoulli) else int(base.logits.shape[-1])
+
+    def _shape(self, problem: Problem, extra: int = 0) -> tuple[int, ...]:
+        base: Any = problem.resolved.base
+        k = self._categories(problem)
+        tail = () if k is None else (k + extra,)
+        return (problem.num_samples, *base.batch_shape, *tail)
+
+    @staticmethod
+    def _uniform(shape: tuple[int, ...], like: Tensor) -> Tensor:
+        u = torch.rand(shape, dtype=like.dtype, device=like.device)
+        info = torch.finfo(like.dtype)
+        return u.clamp(info.tiny, 1.0 - info.eps)
+
+    def _noise(self, problem: Problem) -> Tensor:
+        """The forward noise (logistic or Gumbel), replayed wherever it is asked for."""
+        like = problem.resolved.base.logits  # type: ignore[attr-defined]
+        with problem.forward_randomness():
+            u = self._uniform(self._shape(problem), like)
+        if self._categories(problem) is None:
+            return torch.log(u) - torch.log1p(-u)
+        return -torch.log(-torch.log(u))
+
+    def _conditional_noise(self, problem: Problem) -> Tensor:
+        like = problem.resolved.base.logits  # type: ignore[attr-defined]
+        with problem.randomness():
+            u = self._uniform(self._shape(problem, extra=1), like)
+        return u if self._categories(problem) is None else -torch.log(-torch.log(u))
+
+    def sample(self, problem: Problem) -> Tensor:
+        """:math:`b = H(z)`: the relaxed variable thresholded (an exact draw from ``dist``)."""
+        base: Any = problem.resolved.base
+        z = base.logits.detach() + self._noise(problem)
+        if isinstance(base, Bernoulli):
+            return (z > 0).to(z.dtype)
+        index = z.argmax(-1)
+        if isinstance(base, OneHotCategorical):
+            return F.one_hot(index, z.shape[-1]).to(z.dtype)
+        return index
+
+    def _index(self, problem: Problem) -> Tensor:
+        base = problem.resolved.base
+        x = problem.x
+        if isinstance(base, Bernoulli):
+            return x
+        return x.argmax(-1) if isinstance(base, OneHotCategorical) else x.long()
+
+    # -- the control variate ------------------------------------------------------------------
+
+    def control(self, problem: Problem, z: Tensor) -> Tensor:
+        """:math:`c(z)` in the signal's units, ``(S, *plate_shape)``."""
+        raise NotImplementedError
+
+    @property
+    def tuning(self) -> bool:
+        """Whether estimates also accumulate the variance objective's gradient (see below)."""
+        return self.training and any(p.requires_grad for p in self.parameters())
+
+    def rows(self, problem: Problem, *, create_graph: bool = False) -> dict[str, Tensor]:
+        r"""Per-sample estimates; with ``create_graph`` they stay differentiable in the
+        estimator's own parameters (for the variance objective)."""
+        resolved = problem.resolved
+        names = problem.names
+        num = problem.num_samples
+        noise, fresh = self._noise(problem), self._conditional_noise(problem)
+        index = self._index(problem)
+        scores = problem.scores()
+        signal = problem.signal
+        with torch.inference_mode(False), torch.enable_grad():
+            leaves = {
+                n: resolved.params[n].detach().expand(num, *resolved.params[n].shape).clone()
+                for n in names
+            }
+            for leaf in leaves.values():
+                leaf.requires_grad_()
+            logits = base_distribution(resolved.rebuild(leaves))[0].logits  # type: ignore[attr-defined]
+            if self._categories(problem) is None:
+                z, z_tilde = _sigmoid_pair(logits, noise, index, fresh)
+            else:
+                z, z_tilde = _gumbel_pair(logits, noise, index, fresh)
+            c_z, c_tilde = self.control(problem, z), self.control(problem, z_tilde)
+            coefficient = signal - c_tilde
+            if not create_graph:
+                coefficient = coefficient.detach()
+            grads = torch.autograd.grad(
+                (c_z - c_tilde).sum(),
+                list(leaves.values()),
+                create_graph=create_graph,
+                allow_unused=True,
+            )
+            out = {}
+            for (name, leaf), grad in zip(leaves.items(), grads, strict=True):
+                grad = torch.zeros_like(leaf) if grad is None else grad
+                out[name] = problem.broadcast(coefficient, name) * scores[name] + grad
+        return out
+
+    def variance(self, rows: dict[str, Tensor]) -> Tensor:
+        r"""The variance objective :math:`\frac1S\sum_s \lVert \hat g_s \rVert^2`.
+
+        The mean of the estimate does not depend on :math:`c`, so the gradient of this with
+        respect to :math:`c`'s parameters is an unbiased estimate of the gradient of the
+        estimator's (per-sample, summed over parameter elements) variance.
+        """
+        return sum((r.reshape(r.shape[0], -1) ** 2).sum(-1).mean() for r in rows.values())  # type: ignore[return-value]
+
+    def estimate(self, problem: Problem) -> dict[str, Tensor]:
+        if not self.tuning:
+            return self.rows(problem)
+        rows = self.rows(problem, create_graph=True)
+        own = [p for p in self.parameters() if p.requires_grad]
+        with torch.inference_mode(False), torch.enable_grad():
+            grads = torch.autograd.grad(self.variance(rows), own, allow_unused=True)
+        for p, g in zip(own, grads, strict=True):
+            if g is not None:
+                p.grad = g.detach() if p.grad is None else p.grad + g.detach()
+        return {n: r.detach() for n, r in rows.items()}
+
+
+@register_estimator("rebar")
+class REBAR(_Relaxed):
+    r"""REBAR (Tucker, Mnih, Maddison, Lawson and Sohl-Dickstein 2017): the score function with
+    the concrete relaxation as its control variate.
+
+    For :math:`b = H(z)`, where :math:`z` is the relaxed variable (:math:`z = \phi + L` with
+    logistic :math:`L` for a Bernoulli, :math:`z = \theta + G` with Gumbel :math:`G` for a
+    categorical) and :math:`\tilde z \sim p(z \mid b)` its conditional given the sample, both
+    written as differentiable functions of the parameters and of noise,
+
+    .. math:: \hat g = \big(f(b) - \eta f(\sigma_\lambda(\tilde z))\big)\nabla\log p(b)
+        + \eta\nabla f(\sigma_\lambda(z)) - \eta\nabla f(\sigma_\lambda(\tilde z))
+
+    is unbiased for :math:`\nabla\mathbb{E}[f(b)]` for every scale :math:`\eta` and temperature
+    :math:`\lambda`: the last two terms have the mean of the score term of
+    :math:`c(z) = \eta f(\sigma_\lambda(z))`, which they replace by reparameterised gradients.
+    :math:`\sigma_\lambda` is the sigmoid (softmax) at temperature :math:`\lambda`. ``f`` is
+    evaluated at relaxed points, so it must accept them: a Bernoulli's values in
+    :math:`(0, 1)`, a categorical's as ``OneHotCategorical`` (probability vectors). Three
+    evaluations of ``f`` per sample.
+
+    The instance is a ``torch.nn.Module`` whose parameters are :math:`\log\lambda` and
+    :math:`\eta`: put them in an optimiser. In training mode (the default) every estimate also
+    adds to their ``.grad`` the gradient of the variance objective (:meth:`variance`), as the
+    paper tunes them; ``requires_grad_(False)`` or ``eval()`` fixes them. The instance
+    registered as ``"rebar"`` is fixed at :math:`\eta = 1`, :math:`\lambda = 0.5`.
+
+    Args:
+        temperature: the initial :math:`\lambda > 0`.
+        scale: the initial :math:`\eta`.
+    """
+
+    name = "rebar"
+    families = (Bernoulli, OneHotCategorical)
+    instead = (
+        "REBAR evaluates f at relaxed points: for a categorical variable build "
+        "OneHotCategorical(logits=...) (f then receives one-hot or probability vectors), or "
+        "use 'relax', which evaluates f only at discrete points"
+    )
+
+    def __init__(self, temperature: float = 0.5, scale: float = 1.0) -> None:
+        super().__init__()
+        tau = float(_check_temperature(temperature))
+        self.log_temperature = torch.nn.Parameter(torch.tensor(math.log(tau)))
+        self.scale = torch.nn.Parameter(torch.tensor(float(scale)))
+
+    @property
+    def temperature(self) -> Tensor:
+        """:math:`\\lambda = e^{\\log\\lambda}`."""
+        return self.log_temperature.exp()
+
+    def control(self, problem: Problem, z: Tensor) -> Tensor:
+        tau = self.temperature.to(z.dtype)
+        if self._categories(problem) is None:
+            relaxed = torch.sigmoid(z / tau)
+        else:
+            relaxed = torch.softmax(z / tau, -1)
+        return self.scale.to(z.dtype) * problem.signal_with_grad(relaxed)
+
+
+class AdditiveSurrogate(torch.nn.Module):
+    r"""A learnable additive surrogate :math:`c(z) = \sum_i g(\sigma(z_i))` for :class:`RELAX`.
+
+    :math:`g` is a small network from one number to one number shared by every coordinate
+    (for a categorical, every category's perturbed logit), so the surrogate fits any shape and
+    respects a plate. The last layer starts at zero, so an untrained surrogate is
+    :math:`c = 0` (RELAX is then the plain score function).
+
+    Args:
+        hidden: the width of :math:`g`'s hidden layer.
+    """
+
+    def __init__(self, hidden: int = 16) -> None:
+        super().__init__()
+        if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
+            raise ValueError(f"hidden must be a positive int, got {hidden!r}")
+        self.inner = torch.nn.Linear(1, hidden)
+        self.outer = torch.nn.Linear(hidden, 1)
+        torch.nn.init.zeros_(self.outer.weight)
+        torch.nn.init.zeros_(self.outer.bias)
+
+    def forward(self, z: Tensor) -> Tensor:
+        """``(S, *batch[, K])`` -> one value per coordinate, the same shape."""
+        features = torch.sigmoid(z).to(self.inner.weight).unsqueeze(-1)
+        return self.outer(torch.tanh(self.inner(features))).squeeze(-1).to(z.dtype)
+
+
+@register_estimator("relax")
+class RELAX(_Relaxed):
+    r"""RELAX (Grathwohl, Choi, Wu, Roeder and Duvenaud 2018): the score function with a learned
+    surrogate :math:`c_\psi` as its control variate.
+
+    With :math:`b = H(z)` and :math:`\tilde z \sim p(z \mid b)` as in :class:`REBAR`,
+
+    .. math:: \hat g = \big(f(b) - c_\psi(\tilde z)\big)\nabla\log p(b)
+        + \nabla c_\psi(z) - \nabla c_\psi(\tilde z)
+
+    is unbiased for any :math:`c_\psi`, and :math:`\psi` is trained to minimise the estimator's
+    variance. ``f`` is evaluated only at the discrete sample (once per sample), the surrogate at
+    the relaxed points :math:`z` (a Bernoulli's logistic variable, shape of the sample; a
+    categorical's perturbed logits, ``(S, *batch, K)``).
+
+    The surrogate is a ``torch.nn.Module`` (default :class:`AdditiveSurrogate`) that maps the
+    relaxed points to one value per sample, ``(S,)``, or under a declared plate one per batch
+    element, ``(S, *batch_shape)``, approximating ``f`` (summed over its outputs, or per
+    element); any dimensions after those are summed. It must treat samples separately (no
+    batch normalisation across samples) and, under a plate, element ``b`` must depend on
+    ``z[:, b]`` only. The instance is a ``torch.nn.Module`` holding the surrogate: in training
+    mode every estimate adds the variance objective's gradient (:meth:`variance`) to the
+    surrogate's ``.grad``. The instance registered as ``"relax"`` has a fixed, untrained
+    additive surrogate (:math:`c = 0`); train your own.
+
+    Args:
+        surrogate: the network :math:`c_\psi` (default: ``AdditiveSurrogate()``).
+    """
+
+    name = "relax"
+
+    def __init__(self, surrogate: torch.nn.Module | None = None) -> None:
+        super().__init__()
+        if surrogate is not None and not callable(surrogate):
+            raise TypeError(
+                f"surrogate must be a torch.nn.Module mapping relaxed samples to values, got "
+                f"{type(surrogate).__name__}"
+            )
+        self.surrogate = AdditiveSurrogate() if surrogate is None else surrogate
+
+    def control(self, problem: Problem, z: Tensor) -> Tensor:
+        out = self.surrogate(z)
+        lead = (problem.num_samples, *problem.plate_shape)
+        if not isinstance(out, Tensor) or tuple(out.shape[: len(lead)]) != lead:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(
+                f"RELAX's surrogate returned {got} for relaxed samples of shape "
+                f"{tuple(z.shape)}; it must return one value per sample"
+                + (" and batch element" if problem.plate else "")
+                + f", shape {lead} (further dimensions are summed)"
+            )
+        if out.dim() > len(lead):
+            out = out.reshape(*lead, -1).sum(-1)
+        return problem.to_signal_units(out.to(z.dtype))
+
+
+# the registered instances are fixed (no tuning, no state shared between callers): build your
+# own REBAR() or RELAX(surrogate) to train the control variate
+for _name in ("rebar", "relax"):
+    ESTIMATORS[_name].requires_grad_(False)  # type: ignore[attr-defined]

@@ -52,6 +52,8 @@ BUILT_IN = (
     "enumerate",
     "indecater",
     "gumbel_rao",
+    "rebar",
+    "relax",
 )
 NUM_SAMPLES = 20_000
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]

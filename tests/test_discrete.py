@@ -181,3 +181,138 @@ def test_gumbel_rao_errors():
         gk.ESTIMATORS["gumbel_rao"](lambda y: y.sum(-1), dist, 4, temperature=0.0)
     with pytest.raises(ValueError, match="build OneHotCategorical"):
         gk.ESTIMATORS["gumbel_rao"](lambda z: z.float(), Categorical(logits=torch.zeros(3)), 4)
+
+
+# -- REBAR and RELAX: the learnable control variates ------------------------------------------
+
+TOY = 0.45
+
+
+def _toy(b):
+    return (b - TOY) ** 2
+
+
+def _toy_dist():
+    return Bernoulli(logits=torch.tensor([0.0], dtype=torch.float64))
+
+
+def _rebar(scale, temperature):
+    est = gk.discrete.REBAR().double()
+    with torch.no_grad():  # set in float64 (the constructor rounds through float32)
+        est.scale.fill_(scale)
+        est.log_temperature.fill_(math.log(temperature))
+    return est
+
+
+def _rebar_variance(scale, temperature, seed=3):
+    est = _rebar(scale, temperature).eval()
+    g = est(_toy, _toy_dist(), 50_000, generator=torch.Generator().manual_seed(seed))["logits"]
+    return (g**2).mean().item()
+
+
+def test_rebar_variance_gradient_matches_finite_differences():
+    est = _rebar(1.0, 0.5)
+    assert est.tuning
+    est(_toy, _toy_dist(), 50_000, generator=torch.Generator().manual_seed(3))
+    h = 1e-4
+    # the same random numbers at every point, so the difference is the derivative itself
+    by_scale = (_rebar_variance(1 + h, 0.5) - _rebar_variance(1 - h, 0.5)) / (2 * h)
+    by_log_t = (
+        _rebar_variance(1.0, 0.5 * math.exp(h)) - _rebar_variance(1.0, 0.5 * math.exp(-h))
+    ) / (2 * h)
+    assert est.scale.grad.item() == pytest.approx(by_scale, rel=1e-4)
+    assert est.log_temperature.grad.item() == pytest.approx(by_log_t, rel=1e-4)
+    assert est.temperature.item() == pytest.approx(0.5)
+
+
+def test_relax_variance_gradient_matches_finite_differences():
+    surrogate = torch.nn.Linear(1, 1).double()
+
+    def variance_at(bias, grad=False):
+        net = torch.nn.Linear(1, 1).double()
+        net.load_state_dict(surrogate.state_dict())
+        with torch.no_grad():
+            net.bias.fill_(bias)
+        est = gk.discrete.RELAX(net)
+        if not grad:
+            est.eval()
+        g = est(_toy, _toy_dist(), 50_000, generator=torch.Generator().manual_seed(5))["logits"]
+        return (g**2).mean().item(), net
+
+    _, net = variance_at(0.1, grad=True)
+    h = 1e-5
+    numeric = (variance_at(0.1 + h)[0] - variance_at(0.1 - h)[0]) / (2 * h)
+    assert net.bias.grad.item() == pytest.approx(numeric, rel=1e-4)
+    assert net.weight.grad is not None
+
+
+def test_trained_relax_beats_the_plain_score_function():
+    # c(z) = 0 at the start: RELAX is then the score function without a baseline
+    torch.manual_seed(0)
+    est = gk.discrete.RELAX().double()
+    opt = torch.optim.Adam(est.parameters(), lr=0.05)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        opt.zero_grad()
+        est(_toy, _toy_dist(), 64, generator=gen)
+        opt.step()
+    est.eval()
+    dist = _toy_dist()
+    rows = {
+        "relax": est(_toy, dist, 40_000, generator=torch.Generator().manual_seed(1))["logits"],
+        "sf": gk.ESTIMATORS["score_function"](
+            _toy, dist, 40_000, generator=torch.Generator().manual_seed(1)
+        )["logits"],
+    }
+    # the untrained variance is about 0.016; a learned constant alone removes most of it
+    assert rows["relax"].var() < 0.25 * rows["sf"].var()
+    exact = 0.25 * (1 - 2 * TOY)
+    assert_unbiased(rows["relax"], torch.tensor([exact], dtype=torch.float64))
+
+
+def test_a_trainable_rebar_learns_through_expectation_and_the_registered_one_is_fixed():
+    logits = torch.zeros(4, requires_grad=True)
+    est = gk.discrete.REBAR()
+    value = gk.expectation(_toy, Bernoulli(logits=logits), 8, estimator=est, plate=True)
+    value.sum().backward()
+    assert logits.grad is not None and est.scale.grad is not None
+    assert est.log_temperature.grad is not None
+    fixed = gk.ESTIMATORS["rebar"]
+    assert not fixed.tuning and fixed.scale.item() == 1.0
+    gk.expectation(
+        _toy, Bernoulli(logits=logits), 8, estimator="rebar", plate=True
+    ).sum().backward()
+    assert fixed.scale.grad is None
+    assert isinstance(gk.ESTIMATORS["relax"].surrogate, gk.discrete.AdditiveSurrogate)
+
+
+def test_rebar_and_relax_refuse_what_they_cannot_do():
+    cat = Categorical(logits=torch.zeros(3))
+    with pytest.raises(ValueError, match="REBAR evaluates f at relaxed points.*OneHotCategorical"):
+        gk.ESTIMATORS["rebar"](lambda z: z.float(), cat, 4)
+    with pytest.raises(ValueError, match="supports Bernoulli"):
+        gk.ESTIMATORS["relax"](lambda x: x, Normal(torch.zeros(2), 1.0), 4)
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        gk.discrete.REBAR(temperature=0.0)
+    with pytest.raises(TypeError, match="surrogate must be a torch.nn.Module"):
+        gk.discrete.RELAX(surrogate=3)
+    with pytest.raises(ValueError, match="hidden must be a positive int"):
+        gk.discrete.AdditiveSurrogate(hidden=0)
+    batch = Bernoulli(logits=torch.zeros(5))
+    wrong = gk.discrete.RELAX(lambda z: z.sum(-1)).eval()  # one value per sample, not per element
+    with pytest.raises(ValueError, match=r"surrogate returned \(4,\).*shape \(4, 5\)"):
+        wrong(lambda z: z, batch, 4, plate=True)
+
+
+def test_relax_runs_on_categorical_indices_and_its_surrogate_sees_perturbed_logits():
+    seen = []
+
+    def surrogate(z):
+        seen.append(tuple(z.shape))
+        return z.sum(-1)
+
+    est = gk.discrete.RELAX(surrogate)
+    table = torch.tensor([1.0, -2.0, 0.5])
+    rows = est(lambda k: table[k], Categorical(logits=torch.zeros(2, 3)), 6, plate=True)
+    assert rows["logits"].shape == (6, 2, 3)
+    assert seen == [(6, 2, 3), (6, 2, 3)]
