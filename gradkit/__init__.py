@@ -21,7 +21,7 @@ from gradkit import (
     scg,
 )
 from gradkit.autodiff import expectation
-from gradkit.discrete import vimco
+from gradkit.discrete import disarm_bound, vimco
 from gradkit.distributions import DoubleSidedMaxwell
 from gradkit.estimators import measure_valued, pathwise, score, score_function
 from gradkit.per_sample import per_sample_grads
@@ -48,6 +48,7 @@ __all__ = [
     "baselines",
     "control_variates",
     "diagnostics",
+    "disarm_bound",
     "discrete",
     "distributions",
     "expectation",
