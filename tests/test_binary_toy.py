@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pandas as pd
 import pytest
 import torch
 
@@ -23,13 +24,15 @@ def test_exact_gradient_is_the_derivative_of_the_expected_cost():
 
 
 def test_every_estimator_is_unbiased_on_the_toy_at_its_budget():
-    table = toy.variance_by_evaluations(
-        ESTIMATORS,
-        theta=0.3,
-        t=0.45,
-        evaluations=[6, 12],
-        repeats=4_000,
-        generator=torch.Generator().manual_seed(0),
+    table = pd.DataFrame(
+        toy.variance_by_evaluations(
+            ESTIMATORS,
+            theta=0.3,
+            t=0.45,
+            evaluations=[6, 12],
+            repeats=4_000,
+            generator=torch.Generator().manual_seed(0),
+        )
     )
     assert set(table.columns) >= {"estimator", "evaluations", "draws", "mean", "z", "variance"}
     assert (table["z"].abs() < Z).all(), table
@@ -47,8 +50,10 @@ def test_a_wrong_estimator_gets_a_large_z_score():
         return {n: -v for n, v in rows.items()}
 
     try:
-        table = toy.variance_by_evaluations(
-            {"wrong": "toy_wrong_sign"}, theta=0.3, t=0.45, evaluations=[8], repeats=4_000
+        table = pd.DataFrame(
+            toy.variance_by_evaluations(
+                {"wrong": "toy_wrong_sign"}, theta=0.3, t=0.45, evaluations=[8], repeats=4_000
+            )
         )
     finally:
         del gk.ESTIMATORS["toy_wrong_sign"]
@@ -61,14 +66,16 @@ def test_tuning_lowers_relax_variance_and_optimisation_finds_the_optimum():
         relax, theta=0.3, t=0.45, steps=200, lr=0.05, generator=torch.Generator().manual_seed(1)
     )
     assert sum(squares[-50:]) < 0.5 * sum(squares[:50])
-    curves = toy.optimise(
-        {"disarm": "disarm", "relax": gk.discrete.RELAX().double()},
-        t=0.45,
-        steps=150,
-        lr=0.1,
-        chains=4,
-        generator=torch.Generator().manual_seed(2),
-        progress=False,
+    curves = pd.DataFrame(
+        toy.optimise(
+            {"disarm": "disarm", "relax": gk.discrete.RELAX().double()},
+            t=0.45,
+            steps=150,
+            lr=0.1,
+            chains=4,
+            generator=torch.Generator().manual_seed(2),
+            progress=False,
+        )
     )
     last = curves.groupby("estimator").tail(1).set_index("estimator")
     assert last.loc["disarm", "theta"] < 0.2  # the gradient 1 - 2t > 0 pushes theta to 0

@@ -279,3 +279,33 @@ def test_counting_cost_errors():
     with pytest.raises(TypeError, match="expects a tensor"):
         cost([0.0, 1.0, 2.0])
     assert (cost.calls, cost.rows) == (0, 0)
+
+
+def test_check_by_enumeration_passes_the_right_estimators_and_catches_the_wrong_ones():
+    @gk.register_estimator("enum_wrong_scale")
+    def wrong(problem):  # the score function with its sign flipped
+        rows = gk.ESTIMATORS["score_function"].estimate(problem)
+        return {n: -v for n, v in rows.items()}
+
+    q = torch.distributions.Bernoulli(logits=torch.tensor([0.3, -0.5, 1.0], dtype=torch.float64))
+    try:
+        rows = gk.diagnostics.check_by_enumeration(
+            ["score_function", "disarm", "straight_through", "enum_wrong_scale"],
+            lambda z: torch.sin(2 * z.sum(-1)) + z[..., 0] * z[..., 2],
+            q,
+            20_000,
+            generator=torch.Generator().manual_seed(0),
+        )
+    finally:
+        del gk.ESTIMATORS["enum_wrong_scale"]
+    by_name = {r["estimator"]: r for r in rows}
+    assert by_name["score_function"]["within"] and by_name["disarm"]["within"]
+    assert not by_name["enum_wrong_scale"]["within"]
+    assert by_name["straight_through"]["biased"] and not by_name["straight_through"]["within"]
+    assert by_name["disarm"]["variance"] < by_name["score_function"]["variance"]
+
+
+def test_check_by_enumeration_records_a_refusal():
+    q = torch.distributions.Categorical(logits=torch.zeros(3))
+    (row,) = gk.diagnostics.check_by_enumeration(["arm"], lambda z: z.double(), q, 10)
+    assert "defined for Bernoulli" in row["refused"] and not row["within"]

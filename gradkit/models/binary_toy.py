@@ -17,7 +17,6 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-import pandas as pd
 import torch
 from torch import Tensor
 from torch.distributions import Bernoulli
@@ -86,7 +85,7 @@ def variance_by_evaluations(
     evaluations: list[int],
     repeats: int,
     generator: torch.Generator | None = None,
-) -> pd.DataFrame:
+) -> list[dict[str, Any]]:
     r"""Each estimator's gradient in the logit at the cost of ``E`` evaluations of ``f``.
 
     For every estimator and every budget ``E``, ``repeats`` independent estimates (a plate of
@@ -94,15 +93,16 @@ def variance_by_evaluations(
     :func:`exact_gradient` and the variance of one estimate.
 
     Returns:
-        one row per (estimator, evaluations): ``estimator``, ``evaluations``, ``draws``,
-        ``mean``, ``standard_error``, ``z``, ``variance``, ``exact``, ``seconds``.
+        records (dicts, one per estimator and budget; ``pandas.DataFrame`` takes them) with
+        ``estimator``, ``evaluations``, ``draws``, ``mean``, ``standard_error``, ``z``,
+        ``variance``, ``exact``, ``seconds``.
     """
     t = _check_target(t)
     if not 0 < theta < 1:
         raise ValueError(f"theta must lie in (0, 1), got {theta}")
     exact = float(exact_gradient(theta, t))
     logit = math.log(theta / (1 - theta))
-    rows = []
+    rows: list[dict[str, Any]] = []
     for label, estimator in estimators.items():
         for budget in evaluations:
             draws = _draws(estimator, budget)
@@ -138,7 +138,7 @@ def variance_by_evaluations(
                     "seconds": seconds,
                 }
             )
-    return pd.DataFrame(rows)
+    return rows
 
 
 def tune(
@@ -187,7 +187,7 @@ def optimise(
     chains: int = 1,
     generator: torch.Generator | None = None,
     progress: bool = True,
-) -> pd.DataFrame:
+) -> list[dict[str, Any]]:
     r"""Minimise :math:`\mathbb{E}[(b - t)^2]` in the logit with Adam from :math:`\theta = 0.5`.
 
     Each estimator runs ``chains`` independent optimisations at once (a plate of copies) through
@@ -197,13 +197,13 @@ def optimise(
     :math:`\theta = 0` for :math:`t < \tfrac12` and :math:`\theta = 1` for :math:`t > \tfrac12`.
 
     Returns:
-        one row per (estimator, step): ``estimator``, ``step``, ``theta`` (mean over chains),
+        records, one per (estimator, step): ``estimator``, ``step``, ``theta`` (mean over chains),
         ``expected_cost`` (exact, mean over chains).
     """
     from tqdm.auto import tqdm
 
     t = _check_target(t)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for label, estimator in estimators.items():
         est = get_estimator(estimator)
         draws = _draws(est, evaluations)
@@ -234,4 +234,4 @@ def optimise(
                     "expected_cost": float(expected_cost(theta, t).mean()),
                 }
             )
-    return pd.DataFrame(rows)
+    return rows
