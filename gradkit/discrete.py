@@ -668,9 +668,24 @@ class _Relaxed(Estimator, torch.nn.Module):
         """Whether estimates also accumulate the variance objective's gradient (see below)."""
         return self.training and any(p.requires_grad for p in self.parameters())
 
-    def rows(self, problem: Problem, *, create_graph: bool = False) -> dict[str, Tensor]:
+    def check(self, problem: Problem, *, leave_one_out: bool = False) -> None:
+        super().check(problem)
+        if not isinstance(leave_one_out, bool):
+            raise TypeError(f"leave_one_out must be True or False, got {leave_one_out!r}")
+        if leave_one_out and problem.num_samples < 2:
+            raise ValueError(
+                f"the leave-one-out baseline averages the other samples, so num_samples must "
+                f"be at least 2, got {problem.num_samples}"
+            )
+
+    def rows(
+        self, problem: Problem, *, create_graph: bool = False, leave_one_out: bool = False
+    ) -> dict[str, Tensor]:
         r"""Per-sample estimates; with ``create_graph`` they stay differentiable in the
-        estimator's own parameters (for the variance objective)."""
+        estimator's own parameters (for the variance objective). With ``leave_one_out`` the
+        score term's coefficient :math:`f(b_s) - c(\tilde z_s)` also subtracts its mean over
+        the other samples, a baseline independent of sample :math:`s` (unbiased, as for the
+        score function)."""
         resolved = problem.resolved
         names = problem.names
         num = problem.num_samples
@@ -692,6 +707,8 @@ class _Relaxed(Estimator, torch.nn.Module):
                 z, z_tilde = _gumbel_pair(logits, noise, index, fresh)
             c_z, c_tilde = self.control(problem, z), self.control(problem, z_tilde)
             coefficient = signal - c_tilde
+            if leave_one_out:
+                coefficient = coefficient - (coefficient.sum(0) - coefficient) / (num - 1)
             if not create_graph:
                 coefficient = coefficient.detach()
             grads = torch.autograd.grad(
@@ -715,10 +732,10 @@ class _Relaxed(Estimator, torch.nn.Module):
         """
         return sum((r.reshape(r.shape[0], -1) ** 2).sum(-1).mean() for r in rows.values())  # type: ignore[return-value]
 
-    def estimate(self, problem: Problem) -> dict[str, Tensor]:
+    def estimate(self, problem: Problem, *, leave_one_out: bool = False) -> dict[str, Tensor]:
         if not self.tuning:
-            return self.rows(problem)
-        rows = self.rows(problem, create_graph=True)
+            return self.rows(problem, leave_one_out=leave_one_out)
+        rows = self.rows(problem, create_graph=True, leave_one_out=leave_one_out)
         own = [p for p in self.parameters() if p.requires_grad]
         with torch.inference_mode(False), torch.enable_grad():
             grads = torch.autograd.grad(self.variance(rows), own, allow_unused=True)
@@ -753,7 +770,10 @@ class REBAR(_Relaxed):
     :math:`\eta`: put them in an optimiser. In training mode (the default) every estimate also
     adds to their ``.grad`` the gradient of the variance objective (:meth:`variance`), as the
     paper tunes them; ``requires_grad_(False)`` or ``eval()`` fixes them. The instance
-    registered as ``"rebar"`` is fixed at :math:`\eta = 1`, :math:`\lambda = 0.5`.
+    registered as ``"rebar"`` is fixed at :math:`\eta = 1`, :math:`\lambda = 0.5`. The
+    option ``leave_one_out=True`` (``num_samples >= 2``) also subtracts from the coefficient
+    :math:`f(b_s) - c(\tilde z_s)` its mean over the other samples, a baseline that keeps the
+    estimate unbiased.
 
     Args:
         temperature: the initial :math:`\lambda > 0`.
@@ -838,7 +858,10 @@ class RELAX(_Relaxed):
     ``z[:, b]`` only. The instance is a ``torch.nn.Module`` holding the surrogate: in training
     mode every estimate adds the variance objective's gradient (:meth:`variance`) to the
     surrogate's ``.grad``. The instance registered as ``"relax"`` has a fixed, untrained
-    additive surrogate (:math:`c = 0`); train your own.
+    additive surrogate (:math:`c = 0`); train your own. The option ``leave_one_out=True``
+    (``num_samples >= 2``) adds the leave-one-out baseline to the score term, as for
+    :class:`REBAR`; with it an untrained surrogate starts as the leave-one-out score function
+    rather than the plain one.
 
     Args:
         surrogate: the network :math:`c_\psi` (default: ``AdditiveSurrogate()``).
