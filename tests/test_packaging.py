@@ -19,6 +19,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
 import gradkit
 
@@ -41,6 +42,18 @@ def test_readme_example_runs_here():
     namespace: dict = {}
     exec(compile(readme_example(), "README.md", "exec"), namespace)
     assert namespace["encoder"].weight.grad is not None
+
+
+def test_readme_discrete_example_runs_here():
+    text = (ROOT / "README.md").read_text()
+    section = re.search(r"^### Discrete latent variables\n(.*?)(?=^##|\Z)", text, re.M | re.S)
+    assert section, "README.md has no '### Discrete latent variables' section"
+    block = re.search(r"^```python\n(.*?)^```", section.group(1), re.M | re.S)
+    assert block, "the section has no ```python block"
+    namespace: dict = {"torch": torch, "gk": gradkit}
+    exec(compile(block.group(1), "README.md", "exec"), namespace)
+    assert namespace["logits"].grad is not None
+    assert all(p.grad is not None for p in namespace["relax"].parameters())
 
 
 def _run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
