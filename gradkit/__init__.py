@@ -19,6 +19,7 @@ from gradkit import (
     registry,
     reparam,
     scg,
+    unordered_set,
 )
 from gradkit.autodiff import expectation
 from gradkit.discrete import disarm_bound, vimco
@@ -66,5 +67,6 @@ __all__ = [
     "scg",
     "score",
     "score_function",
+    "unordered_set",
     "vimco",
 ]
