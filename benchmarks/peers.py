@@ -346,6 +346,11 @@ class PeerWorker:
         """Run :func:`estimate` for this peer in the worker process."""
         return self.pool.submit(estimate, self.peer, *args, **kwargs).result()
 
+    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn(*args, **kwargs)`` in the worker process (``fn`` must be importable by name,
+        a module-level function, for the ``spawn`` worker to unpickle it)."""
+        return self.pool.submit(fn, *args, **kwargs).result()
+
     def close(self) -> None:
         """Stop the worker process."""
         self.pool.shutdown(wait=True)

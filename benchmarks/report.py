@@ -4,7 +4,8 @@
 it there, and otherwise runs the same benchmark function at a size the chapter can afford
 (:data:`SIZES`), saying which it did. :func:`headline` condenses a peer comparison into the
 targets the benchmarks check: for every estimator and peer, how many times slower the peer is
-than gradkit, and how its variance compares.
+than gradkit, and how its variance compares. :func:`discrete_findings` does the same for the
+discrete-latent estimators on the REBAR toy (:mod:`benchmarks.bench_discrete`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from benchmarks import bench_core, bench_per_sample, bench_scaling
+from benchmarks import bench_core, bench_discrete, bench_per_sample, bench_scaling
 from benchmarks.common import RESULTS, Z_THRESHOLD, load_results, machine_info, verdict
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "SIZES",
     "Result",
     "core_targets",
+    "discrete_findings",
     "findings",
     "headline",
     "machines",
@@ -45,6 +47,8 @@ SIZES: dict[str, dict[str, Any]] = {
         "core_per_call": {"calls": 50, "repeats": 1},
         "core_scale": {"sizes": (64,), "steps": 1},
         "mvd_vae_encoder_gradient": {"batch_sizes": [8], "hidden_dim": 32, "repeats": 1},
+        "discrete_toy": {"ts": bench_discrete.T_VALUES, "copies": 50, "samples": 4},
+        "discrete_per_call": {"calls": 5, "batch": 50, "repeats": 1, "samples": 4},
     },
     "default": {
         "peers": {"copies": 100, "samples": 100, "repeats": 3},
@@ -52,6 +56,8 @@ SIZES: dict[str, dict[str, Any]] = {
         "core_per_call": {"calls": 1000, "repeats": 3},
         "core_scale": {"sizes": (512, 4096), "steps": 3},
         "mvd_vae_encoder_gradient": {"batch_sizes": [128], "hidden_dim": 400, "repeats": 5},
+        "discrete_toy": {"ts": bench_discrete.T_VALUES, "copies": 2000, "samples": 4},
+        "discrete_per_call": {"calls": 50, "batch": 1000, "repeats": 3, "samples": 4},
         "scaling": {
             "samples": ((10, 100, 1_000, 10_000), {"batch": 1, "dim": 10}),
             "batch": ((1, 10, 100, 1_000), {"samples": 100, "dim": 10}),
@@ -68,6 +74,8 @@ SIZES: dict[str, dict[str, Any]] = {
             "hidden_dim": 400,
             "repeats": 7,
         },
+        "discrete_toy": {"ts": bench_discrete.T_VALUES, "copies": 10_000, "samples": 4},
+        "discrete_per_call": {"calls": 1000, "batch": 1000, "repeats": 5, "samples": 4},
         "scaling": bench_scaling.SWEEPS,
     },
 }
@@ -81,6 +89,8 @@ OWN = (
     "core_per_call",
     "core_scale",
     "mvd_vae_encoder_gradient",
+    "discrete_toy",
+    "discrete_per_call",
 )
 # Estimators every library computes the same way, from the same random numbers for one seed.
 SAME_ESTIMATORS = ("score_function", "score_function+leave_one_out", "pathwise")
@@ -108,12 +118,14 @@ def obtain(
     """The result called ``name``: read from ``directory``, else run now at ``SIZES[scale]``.
 
     Args:
-        name: one of ``peers_bernoulli``, ``peers_factorised``, ``peers_gaussian``,
-            ``per_sample``, ``scaling``.
+        name: one of :data:`OWN`: ``peers_bernoulli``, ``peers_factorised``,
+            ``peers_gaussian``, ``per_sample``, ``scaling``, ``core_per_call``, ``core_scale``,
+            ``mvd_vae_encoder_gradient``, ``discrete_toy``, ``discrete_per_call``.
         scale: ``"smoke"``, ``"default"`` or ``"paper"``; only used when running.
         directory: where ``make bench`` writes results.
         workers: started peer processes (:func:`benchmarks.bench_peers.open_workers`); when
-            ``None``, a peer comparison run here uses none (gradkit only).
+            ``None``, a peer comparison run here uses none (gradkit only). A peer named with
+            the value ``None`` is run in a process of its own.
 
     Raises:
         ValueError: for an unknown name or scale.
@@ -134,7 +146,12 @@ def obtain(
         quick = " (a --quick run: its numbers mean nothing)" if meta.get("quick") else ""
         png = Path(directory) / f"{name}.png"
         return Result(
-            name, table, meta, f"read from {directory}{quick}", png if png.exists() else None
+            name,
+            table,
+            meta,
+            f"read from {directory}{quick}",
+            png if png.exists() else None,
+            dict(meta.get("skipped") or {}),
         )
     sizes = SIZES[scale]
     skipped: dict[str, str] = {}
@@ -160,6 +177,13 @@ def obtain(
     elif name == "core_scale":
         table = pd.DataFrame(bench_core.scale_rows(**sizes[name]))
         meta = {"sizes": dict(sizes[name])}
+    elif name in ("discrete_toy", "discrete_per_call"):
+        wanted = [p for p in (workers or {}) if p == bench_discrete.PEER]
+        worker = (workers or {}).get(bench_discrete.PEER)
+        make = bench_discrete.toy_rows if name == "discrete_toy" else bench_discrete.toy_per_call
+        table = make(**sizes[name], peers=wanted, worker=worker)
+        skipped = dict(table.attrs.get("skipped", {}))
+        meta = {"sizes": dict(sizes[name]), "skipped": skipped}
     elif name == "mvd_vae_encoder_gradient":
         from benchmarks import bench_mvd_vae
 
@@ -448,6 +472,142 @@ def findings(tables: Mapping[str, pd.DataFrame], *, no_peers: str = "") -> dict[
             else "No peer estimator has a wrong mean."
         )
     keys = ("correct", "same_variance", "moving_average", "speed", "wrong_text")
+    out["summary"] = " ".join(out[k] for k in keys if out[k])
+    return out
+
+
+def discrete_findings(
+    toy: pd.DataFrame, per_call: pd.DataFrame, *, no_peer: str = ""
+) -> dict[str, Any]:
+    """What the REBAR-toy comparison shows (:mod:`benchmarks.bench_discrete`), as numbers and
+    sentences computed from its two tables.
+
+    Args:
+        toy: :func:`benchmarks.bench_discrete.toy_rows`.
+        per_call: :func:`benchmarks.bench_discrete.toy_per_call`.
+        no_peer: why Storchastic did not run, for the sentence that says so.
+
+    Returns:
+        ``gradkit_rows`` and ``gradkit_ok`` (gradkit's rows of unbiased estimators, and those
+        with a correct mean), ``gradkit_biased`` (estimators biased by design, whose means
+        differ), ``unavailable`` (gradkit names not registered); ``peer_ran``;
+        ``peer_wrong`` and ``peer_fails`` (Storchastic methods with a wrong mean at some t, or
+        that raise, each as ``"method: detail"``); ``variance_ratios`` (Storchastic / gradkit
+        variance where both are correct and vary); ``ratios`` (``{mode: [Storchastic time /
+        gradkit time]}``) and ``met`` (``{mode: (met, compared)}`` for the tenfold target);
+        sentences ``correct``, ``peer``, ``speed`` and ``summary`` (all of them joined).
+
+    Example:
+        >>> toy = pd.DataFrame({"t": [0.45] * 3, "library": ["gradkit", "storchastic",
+        ...     "storchastic"], "estimator": ["arm", "arm", "rebar"], "method": ["gk", "ARM()",
+        ...     "REBAR()"], "mean": [0.1, 0.1, 0.27], "exact": [0.1] * 3,
+        ...     "variance": [1.0, 2.0, 1.0], "variance_vs_gradkit": [1.0, 2.0, float("nan")],
+        ...     "verdict": ["ok", "ok", "WRONG MEAN (mean 0.27, exact 0.1, |z| = 19)"]})
+        >>> calls = pd.DataFrame({"estimator": ["arm"], "mode": ["per_call"],
+        ...     "storchastic_vs_gradkit": [4.0]})
+        >>> f = discrete_findings(toy, calls)
+        >>> f["gradkit_ok"], f["met"]
+        (1, {'per_call': (0, 1)})
+        >>> f["peer_wrong"]
+        ['REBAR(): wrong at t = 0.45 (at t = 0.45: mean 0.27, exact 0.1)']
+    """
+    verdicts = toy.verdict.astype(str)
+    ours = toy[toy.library == "gradkit"]
+    theirs = toy[toy.library != "gradkit"]
+    available = ours[~verdicts[ours.index].eq("not available")]
+    biased = available[verdicts[available.index].str.startswith("biased by design")]
+    unbiased = available.drop(index=biased.index)
+    out: dict[str, Any] = {
+        "gradkit_rows": len(unbiased),
+        "gradkit_ok": int((unbiased.verdict == "ok").sum()),
+        "gradkit_biased": sorted(set(biased.estimator)),
+        "unavailable": sorted(set(ours[verdicts[ours.index].eq("not available")].estimator)),
+        "peer_ran": len(theirs) > 0,
+    }
+    wrong, fails = [], []
+    for method, part in theirs.groupby("method", sort=False):
+        said = part.verdict.astype(str)
+        if said.str.startswith("fails").any():
+            fails.append(f"{method}: {said[said.str.startswith('fails')].iloc[0][7:]}")
+        bad = part[said.str.startswith("WRONG MEAN")]
+        if len(bad):
+            ts = ", ".join(f"{t:g}" for t in bad.t)
+            first = bad.iloc[0]
+            detail = (
+                "returns 0" if "returns 0" in str(first.verdict) else f"mean {first['mean']:.4g}"
+            )
+            wrong.append(
+                f"{method}: wrong at t = {ts} (at t = {first.t:g}: {detail}, exact "
+                f"{first['exact']:.4g})"
+            )
+    out["peer_wrong"], out["peer_fails"] = wrong, fails
+    # variance ratios of the methods that are correct at every t (one wrong at some t is noise)
+    correct_everywhere = theirs.groupby("method").verdict.transform(lambda v: (v == "ok").all())
+    fine = theirs[correct_everywhere.astype(bool) & (theirs.variance > 0)]
+    out["variance_ratios"] = [float(v) for v in fine.variance_vs_gradkit.dropna()]
+    ratios: dict[str, list[float]] = {}
+    for row in per_call.itertuples():
+        if math.isfinite(row.storchastic_vs_gradkit):
+            ratios.setdefault(row.mode, []).append(float(row.storchastic_vs_gradkit))
+    out["ratios"] = ratios
+    out["met"] = {mode: (sum(v >= 10 for v in vs), len(vs)) for mode, vs in ratios.items()}
+    n, ok = out["gradkit_rows"], out["gradkit_ok"]
+    correct = (
+        f"All {n} of gradkit's rows for unbiased estimators agree with the exact gradient "
+        f"1 - 2t (within {Z_THRESHOLD:.0f} standard errors)"
+        if ok == n
+        else f"{n - ok} of gradkit's {n} rows for unbiased estimators do NOT agree with the "
+        "exact gradient"
+    )
+    if out["gradkit_biased"]:
+        correct += (
+            "; the estimators biased by design ("
+            + ", ".join(out["gradkit_biased"])
+            + ") are not expected to"
+        )
+    correct += "."
+    if out["unavailable"]:
+        correct += (
+            " Not in this version of gradkit (its rows are empty): "
+            + ", ".join(out["unavailable"])
+            + "."
+        )
+    out["correct"] = correct
+    if not out["peer_ran"]:
+        out["peer"] = (
+            "Storchastic did not run for these results"
+            + (f" ({no_peer})" if no_peer else "")
+            + ", so they compare gradkit with the exact gradient only; make bench (or make "
+            "execute) installs it and runs the comparison."
+        )
+        out["speed"] = ""
+    else:
+        parts = []
+        if wrong:
+            parts.append("Storchastic methods with a wrong mean: " + "; ".join(wrong) + ".")
+        if fails:
+            parts.append("Storchastic methods that raise: " + "; ".join(fails) + ".")
+        if not parts:
+            parts.append("No Storchastic method has a wrong mean here.")
+        ratios_ = out["variance_ratios"]
+        if ratios_:
+            parts.append(
+                "Where both are correct and vary, Storchastic's variance is "
+                f"{_span(pd.Series(ratios_), '.2f')} times gradkit's."
+            )
+        out["peer"] = " ".join(parts)
+        speed = []
+        for mode, label in (("per_call", "one estimate per call"), ("batched", "batched")):
+            if mode in ratios:
+                met, total = out["met"][mode]
+                speed.append(
+                    f"{label}, Storchastic takes {_span(pd.Series(ratios[mode]), '.1f')} times "
+                    f"gradkit's time (the tenfold target is met for {met} of {total} "
+                    "estimators)"
+                )
+        sentence = "; ".join(speed) + "."
+        out["speed"] = sentence[0].upper() + sentence[1:] if speed else ""
+    keys = ("correct", "peer", "speed")
     out["summary"] = " ".join(out[k] for k in keys if out[k])
     return out
 

@@ -15,6 +15,7 @@ import torch
 
 from benchmarks import __main__ as cli
 from benchmarks import (
+    bench_discrete,
     bench_peers,
     bench_per_sample,
     bench_scaling,
@@ -24,6 +25,7 @@ from benchmarks import (
 )
 from benchmarks.common import (
     load_results,
+    main_for,
     summarise,
     time_call,
     verdict,
@@ -308,3 +310,185 @@ def test_measure_valued_cost_evaluations_are_one_plus_three_d():
     assert bench_scaling.cost_evaluations(5, batch=6) == 16.0
     with pytest.raises(ValueError, match="sizes must be positive"):
         bench_scaling.cost_evaluations(0)
+
+
+# --- discrete latents: gradkit and Storchastic on the REBAR toy --------------------------------
+
+# the estimators whose gradkit rows must be correct here (the others are checked for their
+# columns only: their correctness is tested with the estimators themselves)
+_ESTABLISHED = (
+    "score_function",
+    "score_function+leave_one_out",
+    "arm",
+    "disarm",
+    "indecater",
+    "enumerate",
+)
+
+
+def _pairs(*names):
+    return [p for p in bench_discrete.PAIRS if p.estimator in names and p.gradkit is not None]
+
+
+class _RaisingWorker:
+    """A Storchastic worker whose every call raises, as a crashed peer process would."""
+
+    def call(self, fn, *args, **kwargs):
+        raise RuntimeError("boom: the peer fell over")
+
+
+class _FakeWorker:
+    """A Storchastic worker that returns ``value`` for every estimate, or an error."""
+
+    def __init__(self, value=0.3, error=None):
+        self.value, self.error, self.calls = value, error, []
+
+    def call(self, fn, call, n, t, theta, mode, count, repeats, seed):
+        assert fn is bench_discrete.storch_job
+        self.calls.append((call, n, mode, count))
+        if self.error:
+            return {"estimates": None, "seconds": math.nan, "error": self.error}
+        return {"estimates": torch.full((count,), self.value), "seconds": 0.01, "error": None}
+
+
+def test_discrete_exact_gradient_is_one_minus_two_t():
+    for t in bench_discrete.T_VALUES:
+        assert bench_discrete.exact_gradient(t) == pytest.approx(1 - 2 * t, abs=1e-15)
+    # and it is the derivative of E[(b - t)^2] = theta (1 - t)^2 + (1 - theta) t^2 in theta
+    theta = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    t = 0.45
+    (grad,) = torch.autograd.grad(theta * (1 - t) ** 2 + (1 - theta) * t**2, theta)
+    assert grad.item() == pytest.approx(bench_discrete.exact_gradient(t))
+    # exact enumeration in gradkit gives it too, at every t
+    table = bench_discrete.toy_rows(copies=10, estimators=_pairs("enumerate"), peers=())
+    assert list(table.exact) == pytest.approx([1 - 2 * t for t in bench_discrete.T_VALUES])
+    assert list(table["mean"]) == pytest.approx(list(table.exact), abs=1e-6)
+
+
+def test_discrete_toy_rows_gradkit_part():
+    table = bench_discrete.toy_rows([0.45, 0.501], copies=200, samples=4, peers=())
+    assert list(table.columns) == bench_discrete.TOY_COLUMNS
+    assert set(table.library) == {"gradkit"}
+    assert table.attrs["skipped"] == {"storchastic": "Storchastic was not asked for"}
+    assert set(table.t) == {0.45, 0.501} and (table.theta == bench_discrete.THETA).all()
+    established = table[table.estimator.isin(_ESTABLISHED)]
+    assert len(established) == 2 * len(_ESTABLISHED)
+    assert (established.verdict == "ok").all(), established[["estimator", "t", "verdict"]]
+    assert (established.ms_per_estimate > 0).all() and (established.estimates == 200).all()
+    # ARM and DisARM count draws, two per antithetic pair
+    assert set(table[table.estimator == "arm"].samples) == {8}
+    # relaxations are biased by design, and say so instead of "WRONG MEAN"
+    relaxed = table[table.estimator.isin(["straight_through", "gumbel_softmax"])]
+    assert relaxed.verdict.str.startswith("biased by design").all()
+    assert not table.verdict.str.startswith("WRONG MEAN").any()
+    # a signed z: the standard error is the variance over the number of estimates
+    row = established.iloc[0]
+    assert row.std_error == pytest.approx(math.sqrt(row.variance / 200))
+    assert row.z == pytest.approx((row["mean"] - row.exact) / row.std_error, rel=1e-3)
+
+
+def test_discrete_gradkit_name_not_registered_is_a_row_with_a_note():
+    pairs = [bench_discrete.Pair("nothing_yet", "no_such_estimator_yet", None)]
+    table = bench_discrete.toy_rows([0.45], copies=10, estimators=pairs, peers=())
+    (row,) = table.itertuples()
+    assert row.verdict == "not available" and math.isnan(row.mean)
+    assert "not in gk.ESTIMATORS" in row.note
+    timing = bench_discrete.toy_per_call(calls=2, batch=4, repeats=1, estimators=pairs, peers=())
+    assert timing.gradkit_ms.isna().all() and timing.note.str.contains("gk.ESTIMATORS").all()
+
+
+def test_discrete_raising_peer_is_a_row_with_a_note():
+    pairs = _pairs("score_function", "arm")
+    table = bench_discrete.toy_rows(
+        [0.45], copies=20, estimators=pairs, worker=_RaisingWorker(), peers=()
+    )
+    theirs = table[table.library == "storchastic"]
+    assert len(theirs) == 2
+    assert (theirs.verdict == "fails: RuntimeError: boom: the peer fell over").all()
+    assert (theirs.note == "RuntimeError: boom: the peer fell over").all()
+    assert theirs["mean"].isna().all()
+    assert (table[table.library == "gradkit"].verdict == "ok").all()
+    # an error Storchastic itself raised comes back from the worker the same way
+    failing = _FakeWorker(error="RuntimeError: Subtraction, the `-` operator, with a bool tensor")
+    table = bench_discrete.toy_rows([0.45], copies=20, estimators=pairs, worker=failing)
+    assert table[table.library == "storchastic"].note.str.contains("bool tensor").all()
+    timing = bench_discrete.toy_per_call(
+        calls=2, batch=4, repeats=1, estimators=pairs, worker=_RaisingWorker()
+    )
+    assert timing.storchastic_ms.isna().all()
+    assert timing.note.str.contains("Storchastic fails: RuntimeError: boom").all()
+    assert (timing.gradkit_ms > 0).all()
+
+
+def test_discrete_peer_rows_are_judged_like_gradkit_rows():
+    # a "peer" that always returns 0.3 at t = 0.45 (exact 0.1): a wrong mean of zero variance
+    worker = _FakeWorker(value=0.3)
+    pairs = _pairs("score_function+leave_one_out", "straight_through_gumbel")
+    table = bench_discrete.toy_rows([0.45], copies=30, estimators=pairs, worker=worker)
+    theirs = table[table.library == "storchastic"].set_index("estimator")
+    assert theirs.loc["score_function+leave_one_out", "verdict"].startswith(
+        "WRONG MEAN (mean 0.3, exact 0.1"
+    )
+    assert theirs.loc["straight_through_gumbel", "verdict"].startswith("biased by design")
+    assert theirs.loc["score_function+leave_one_out", "method"] == (
+        "storch.method.ScoreFunction('z', n_samples=4, baseline_factory='batch_average')"
+    )
+    assert worker.calls[0] == (pairs[0].storchastic, 4, "batched", 30)
+    timing = bench_discrete.toy_per_call(
+        calls=3, batch=5, repeats=1, estimators=pairs[:1], worker=worker
+    )
+    assert list(timing["mode"]) == ["per_call", "batched"]
+    per = timing.set_index("mode")
+    # the fake takes 0.01 s for all 3 per-call estimates, and 0.01 s for one batched call
+    assert per.loc["per_call", "storchastic_ms"] == pytest.approx(10 / 3)
+    assert per.loc["batched", "storchastic_ms"] == pytest.approx(10)
+    ratio = per.storchastic_ms / per.gradkit_ms
+    assert list(per.storchastic_vs_gradkit) == pytest.approx(list(ratio))
+    assert list(per.target_10x_met) == [bool(r >= 10) for r in ratio]
+    found = report.discrete_findings(table, timing)
+    assert found["peer_ran"] and len(found["peer_wrong"]) == 1
+    assert "ScoreFunction" in found["peer_wrong"][0] and "tenfold target" in found["speed"]
+
+
+def test_discrete_runs_without_storchastic(monkeypatch, tmp_path):
+    reason = "storchastic is not installed (pip install storchastic)"
+    monkeypatch.setattr(peers, "missing", lambda peer: reason)
+    pairs = _pairs("score_function", "disarm")
+    table = bench_discrete.toy_rows([0.45], copies=20, estimators=pairs)  # peers=None: any
+    assert set(table.library) == {"gradkit"}
+    assert table.attrs["skipped"] == {"storchastic": reason}
+    timing = bench_discrete.toy_per_call(calls=2, batch=4, repeats=1, estimators=pairs)
+    assert timing.storchastic_ms.isna().all() and timing.target_10x_met.isna().all()
+    found = report.discrete_findings(table, timing, no_peer="not installed here")
+    assert not found["peer_ran"] and found["speed"] == ""
+    assert "Storchastic did not run for these results (not installed here)" in found["summary"]
+    assert found["summary"].startswith("All 2 of gradkit's rows")
+    # the chapter's loader, at smoke scale, and the shared command line
+    got = report.obtain("discrete_toy", "smoke", directory=tmp_path)
+    assert got.origin.startswith("run now") and set(got.table.library) == {"gradkit"}
+    monkeypatch.setattr(bench_discrete, "QUICK", {
+        "toy": {"ts": [0.45], "copies": 5, "samples": 4},
+        "per_call": {"calls": 2, "batch": 4, "repeats": 1, "samples": 4},
+    })  # fmt: skip
+    assert main_for(bench_discrete.run, "toy", ["--out", str(tmp_path), "--quick"]) == 0
+    for name in ("discrete_toy", "discrete_per_call"):
+        written, meta = load_results(name, tmp_path)
+        assert meta["quick"] and meta["skipped"] == {"storchastic": reason}
+        assert (tmp_path / f"{name}.png").exists()
+        assert report.obtain(name, "smoke", directory=tmp_path).skipped == meta["skipped"]
+    assert set(written.columns) == set(bench_discrete.PER_CALL_COLUMNS)
+
+
+def test_discrete_with_storchastic():
+    reason = peers.missing("storchastic")
+    if reason:
+        pytest.skip(reason)
+    pairs = _pairs("score_function+leave_one_out", "rebar")
+    table = bench_discrete.toy_rows([0.45], copies=1000, estimators=pairs, peers=["storchastic"])
+    theirs = table[table.library == "storchastic"].set_index("estimator")
+    assert theirs.loc["score_function+leave_one_out", "verdict"] == "ok"
+    # the same estimator: the same variance, up to sampling noise
+    assert 0.7 < theirs.loc["score_function+leave_one_out", "variance_vs_gradkit"] < 1.4
+    # Storchastic's REBAR has a wrong mean on this problem (about 0.27 against 0.1)
+    assert theirs.loc["rebar", "verdict"].startswith("WRONG MEAN")
+    assert theirs.loc["rebar", "mean"] > 0.2
