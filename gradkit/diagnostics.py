@@ -519,8 +519,8 @@ def check_by_enumeration(
         generator: a ``torch.Generator`` shared by the calls.
 
     Returns:
-        records (dicts, one per estimator): ``estimator``, ``biased``, ``max_abs_z``,
-        ``within``, ``variance``, ``refused`` (the refusal's message, or ``""``).
+        A list with one dict per estimator, keyed ``estimator``, ``biased``, ``max_abs_z``,
+        ``within``, ``variance`` and ``refused`` (the refusal's message, or ``""``).
 
     Example:
         >>> import torch, gradkit as gk

@@ -733,7 +733,8 @@ class _Relaxed(Estimator, torch.nn.Module):
         return sum((r.reshape(r.shape[0], -1) ** 2).sum(-1).mean() for r in rows.values())  # type: ignore[return-value]
 
     def estimate(self, problem: Problem, *, leave_one_out: bool = False) -> dict[str, Tensor]:
-        if not self.tuning:
+        # a control variate's copy of the problem (another signal) does not tune the estimator
+        if not self.tuning or problem.replaces_signal:
             return self.rows(problem, leave_one_out=leave_one_out)
         rows = self.rows(problem, create_graph=True, leave_one_out=leave_one_out)
         own = [p for p in self.parameters() if p.requires_grad]
@@ -768,8 +769,9 @@ class REBAR(_Relaxed):
 
     The instance is a ``torch.nn.Module`` whose parameters are :math:`\log\lambda` and
     :math:`\eta`: put them in an optimiser. In training mode (the default) every estimate also
-    adds to their ``.grad`` the gradient of the variance objective (:meth:`variance`), as the
-    paper tunes them; ``requires_grad_(False)`` or ``eval()`` fixes them. The instance
+    adds to their ``.grad`` the gradient of the variance objective, the mean squared norm of
+    the per-sample estimates (its mean part does not depend on them), as the paper tunes
+    them; ``requires_grad_(False)`` or ``eval()`` fixes them. The instance
     registered as ``"rebar"`` is fixed at :math:`\eta = 1`, :math:`\lambda = 0.5`. The
     option ``leave_one_out=True`` (``num_samples >= 2``) also subtracts from the coefficient
     :math:`f(b_s) - c(\tilde z_s)` its mean over the other samples, a baseline that keeps the
@@ -832,10 +834,9 @@ class AdditiveSurrogate(torch.nn.Module):
     def forward(self, z: Tensor) -> Tensor:
         """``(S, *batch[, K])`` -> one value per coordinate, the same shape."""
         features = torch.sigmoid(z).to(self.inner.weight).unsqueeze(-1)
-        return self.outer(torch.tanh(self.inner(features))).squeeze(-1).to(z.dtype)
+        return self.outer(torch.tanh(self.inner(features))).squeeze(-1).to(z)
 
 
-@register_estimator("relax")
 class RELAX(_Relaxed):
     r"""RELAX (Grathwohl, Choi, Wu, Roeder and Duvenaud 2018): the score function with a learned
     surrogate :math:`c_\psi` as its control variate.
@@ -856,12 +857,13 @@ class RELAX(_Relaxed):
     element); any dimensions after those are summed. It must treat samples separately (no
     batch normalisation across samples) and, under a plate, element ``b`` must depend on
     ``z[:, b]`` only. The instance is a ``torch.nn.Module`` holding the surrogate: in training
-    mode every estimate adds the variance objective's gradient (:meth:`variance`) to the
-    surrogate's ``.grad``. The instance registered as ``"relax"`` has a fixed, untrained
-    additive surrogate (:math:`c = 0`); train your own. The option ``leave_one_out=True``
-    (``num_samples >= 2``) adds the leave-one-out baseline to the score term, as for
-    :class:`REBAR`; with it an untrained surrogate starts as the leave-one-out score function
-    rather than the plain one.
+    mode every estimate adds the variance objective's gradient (the mean squared norm of the
+    per-sample estimates) to the surrogate's ``.grad``. The instance registered as
+    ``"relax"`` has a fixed, untrained additive surrogate (:math:`c = 0`); train your own.
+    The option ``leave_one_out=True`` (``num_samples >= 2``) adds the leave-one-out baseline to
+    the score term, as for :class:`REBAR`; with it an untrained surrogate starts as the
+    leave-one-out score function rather than the plain one. Move the instance to the device
+    of the samples (``relax.to(device)``), as any module.
 
     Args:
         surrogate: the network :math:`c_\psi` (default: ``AdditiveSurrogate()``).
@@ -895,6 +897,9 @@ class RELAX(_Relaxed):
 
 
 # the registered instances are fixed (no tuning, no state shared between callers): build your
-# own REBAR() or RELAX(surrogate) to train the control variate
+# own REBAR() or RELAX(surrogate) to train the control variate. The default surrogate's
+# initialisation must not move the global random stream at import time.
+with torch.random.fork_rng(devices=[]):
+    register_estimator("relax")(RELAX)
 for _name in ("rebar", "relax"):
     ESTIMATORS[_name].requires_grad_(False)  # type: ignore[attr-defined]

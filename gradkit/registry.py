@@ -328,6 +328,11 @@ class Problem:
         new.weights = weights.detach()
         return new
 
+    @property
+    def replaces_signal(self) -> bool:
+        """Whether this copy carries another signal (a control variate's: :meth:`with_signal`)."""
+        return self._signal_fn is not None
+
     def with_signal(self, fn: Callable[[Tensor, int], Tensor]) -> Problem:
         """The same samples and randomness with another signal (a control variate's)."""
         new = self._copy()

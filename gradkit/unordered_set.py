@@ -276,13 +276,6 @@ class UnorderedSet(Estimator):
         base: Any = problem.resolved.base
         categories = base.logits.shape[-1]
         k = problem.num_samples
-        if k > categories:
-            raise ValueError(
-                f"the unordered_set estimator draws num_samples distinct categories without "
-                f"replacement, so num_samples (the set size k) must be at most the number of "
-                f"categories K = {categories}, got {k}; use num_samples <= {categories} "
-                f"(num_samples = {categories} gives the exact gradient)"
-            )
         coupled = math.prod(tuple(base.batch_shape)[len(problem.plate_shape) :])
         if coupled > 1:
             dist = problem.dist
@@ -293,6 +286,13 @@ class UnorderedSet(Estimator):
                 f"{tuple(dist.event_shape)}, plate={problem.plate}). If f returns one cost per "
                 "categorical (output b depending on x[:, b] only), declare plate=True; for a "
                 "cost that couples several categoricals use 'indecater' or 'score_function'"
+            )
+        if k > categories:
+            raise ValueError(
+                f"the unordered_set estimator draws num_samples distinct categories without "
+                f"replacement, so num_samples (the set size k) must be at most the number of "
+                f"categories K = {categories}, got {k}; use num_samples <= {categories} "
+                f"(num_samples = {categories} gives the exact gradient)"
             )
 
     @staticmethod

@@ -411,3 +411,28 @@ def test_the_leave_one_out_baseline_keeps_rebar_and_relax_unbiased_and_helps(nam
         est(cost, dist, 1, leave_one_out=True)
     with pytest.raises(TypeError, match="leave_one_out must be True or False"):
         est(cost, dist, 4, leave_one_out="yes")
+
+
+def test_importing_gradkit_leaves_the_global_random_stream_alone():
+    import subprocess
+    import sys
+
+    code = "import torch; torch.manual_seed(0); {}; print(torch.rand(1).item())"
+    out = [
+        subprocess.run(
+            [sys.executable, "-c", code.format(extra)], capture_output=True, text=True, check=True
+        ).stdout
+        for extra in ("pass", "import gradkit")
+    ]
+    assert out[0] == out[1]
+
+
+def test_a_control_variate_copy_does_not_tune_the_estimator():
+    est = gk.discrete.REBAR().double()
+    problem = est.problem(
+        _toy, _toy_dist(), 16, plate=False, generator=torch.Generator().manual_seed(0), options={}
+    )
+    est.estimate(problem.with_signal(lambda x, lead: problem.cost(x, lead) * 0.5))
+    assert est.scale.grad is None
+    est.estimate(problem)
+    assert est.scale.grad is not None

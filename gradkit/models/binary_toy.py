@@ -93,7 +93,7 @@ def variance_by_evaluations(
     :func:`exact_gradient` and the variance of one estimate.
 
     Returns:
-        records (dicts, one per estimator and budget; ``pandas.DataFrame`` takes them) with
+        A list with one dict per estimator and budget (``pandas.DataFrame`` takes it), keyed
         ``estimator``, ``evaluations``, ``draws``, ``mean``, ``standard_error``, ``z``,
         ``variance``, ``exact``, ``seconds``.
     """
@@ -197,8 +197,8 @@ def optimise(
     :math:`\theta = 0` for :math:`t < \tfrac12` and :math:`\theta = 1` for :math:`t > \tfrac12`.
 
     Returns:
-        records, one per (estimator, step): ``estimator``, ``step``, ``theta`` (mean over chains),
-        ``expected_cost`` (exact, mean over chains).
+        A list with one dict per estimator and step, keyed ``estimator``, ``step``, ``theta``
+        (the mean over chains) and ``expected_cost`` (exact, the mean over chains).
     """
     from tqdm.auto import tqdm
 

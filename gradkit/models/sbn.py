@@ -877,8 +877,9 @@ def train_sbn(
     (``centre_input``), and every estimator given the same ``evaluations`` of :math:`f` per
     data point and step (:func:`num_samples_for`; the default 2 is one DisARM pair, or two
     samples for the leave-one-out score function). If the estimator is a ``torch.nn.Module``
-    (``REBAR()``, ``RELAX(surrogate)``), its parameters join the optimiser: in training mode it
-    adds its variance objective's gradient to their ``.grad`` during each backward pass.
+    (``REBAR()``, ``RELAX(surrogate)``), it is moved to the data's device and its parameters
+    join the optimiser: in training mode it adds its variance objective's gradient to their
+    ``.grad`` during each backward pass.
 
     With ``dynamic_binarization`` the images are grey levels in [0, 1] and every step draws
     binary pixels :math:`x \sim \mathrm{Bern}(\text{intensity})`; the held-out images and the
@@ -992,6 +993,7 @@ def train_sbn(
 
     params = list(model.parameters())
     if isinstance(est, nn.Module):
+        est.to(device)  # its parameters live with the data (a RELAX surrogate on the GPU)
         params += [p for p in est.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr)
 
