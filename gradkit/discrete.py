@@ -272,6 +272,15 @@ class Enumerate(PathwiseEstimator):
         return problem.per_sample_gradients(exact, rows=1)
 
 
+def _swapped_bounds(fx: Tensor, replacements: Tensor) -> Tensor:
+    """``log mean_j exp fx_j`` with ``fx_k`` replaced by ``replacements_k``, for every ``k``."""
+    k = fx.shape[0]
+    swapped = fx.unsqueeze(0).expand(k, *fx.shape).clone()
+    index = torch.arange(k, device=fx.device)
+    swapped[index, index] = replacements
+    return torch.logsumexp(swapped, 1) - math.log(k)  # (K, *T)
+
+
 def vimco(
     f: Callable[[Tensor], Tensor],
     dist: Distribution,
@@ -328,12 +337,7 @@ def vimco(
     bound = torch.logsumexp(fx, 0) - math.log(k)
     with torch.no_grad():
         others = (fx.sum(0, keepdim=True) - fx) / (k - 1)  # mean of the other log-weights
-        # log-mean-exp with f(z_k) replaced by that mean, for every k at once
-        swapped = fx.unsqueeze(0).expand(k, *fx.shape).clone()
-        index = torch.arange(k, device=fx.device)
-        swapped[index, index] = others
-        leave_out = torch.logsumexp(swapped, 1) - math.log(k)  # (K, *T)
-        signal = bound.detach().unsqueeze(0) - leave_out
+        signal = bound.detach().unsqueeze(0) - _swapped_bounds(fx.detach(), others)
     log_q = log_prob(problem.dist, z)  # (K, *batch_shape)
     if not plate:
         log_q = log_q.reshape(k, -1).sum(-1)
@@ -405,10 +409,7 @@ def disarm_bound(
     bound = torch.logsumexp(fx, 0) - math.log(k)
     base = _bernoulli(problem, "disarm")
     with torch.no_grad():
-        swapped = fx.detach().unsqueeze(0).expand(k, *fx.shape).clone()
-        index = torch.arange(k, device=fx.device)
-        swapped[index, index] = fx_partner
-        signal = bound.detach().unsqueeze(0) - (torch.logsumexp(swapped, 1) - math.log(k))
+        signal = bound.detach().unsqueeze(0) - _swapped_bounds(fx.detach(), fx_partner)
         logits = base.logits.detach()
         factor = (draw != partner).to(draw.dtype) * (1.0 - 2.0 * partner)  # (-1)^{b~}
         factor = factor * torch.sigmoid(logits.abs())  # (K, *base_batch)

@@ -330,7 +330,7 @@ class Problem:
 
     @property
     def replaces_signal(self) -> bool:
-        """Whether this copy carries another signal (a control variate's: :meth:`with_signal`)."""
+        """True for a copy that carries another signal, as :meth:`with_signal` makes."""
         return self._signal_fn is not None
 
     def with_signal(self, fn: Callable[[Tensor, int], Tensor]) -> Problem:

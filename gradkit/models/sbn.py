@@ -51,7 +51,7 @@ import contextlib
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,9 +71,11 @@ from gradkit.registry import ESTIMATORS, Estimator, get_estimator
 __all__ = [
     "EVALUATIONS_PER_SAMPLE",
     "SBNVAE",
+    "TRAINABLE",
     "VARIANTS",
     "GreyImages",
     "binarize",
+    "compare_estimators",
     "elbo",
     "encoder_gradient_variance",
     "estimator_options",
@@ -1054,4 +1056,54 @@ def train_sbn(
             _sync(device)
             start = time.perf_counter()
     bar.close()
+    return records
+
+
+#: estimators with learnable parts: each run of :func:`compare_estimators` builds its own
+TRAINABLE: dict[str, Callable[[], Estimator]] = {
+    "rebar": lambda: gk.discrete.REBAR(),
+    "relax": lambda: gk.discrete.RELAX(),
+}
+
+
+def compare_estimators(
+    train: Tensor,
+    *,
+    estimators: Sequence[str] = ("score_function", "disarm", "rebar", "relax"),
+    variants: Sequence[str] = VARIANTS,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+    seed: int = 0,
+    **train_options: Any,
+) -> list[dict[str, Any]]:
+    r"""Train one fresh model per variant and estimator with :func:`train_sbn`, alike otherwise.
+
+    Every run starts from the same initialisation for its variant (drawn from ``seed``
+    without touching the global random stream) and uses the same batches and binarisation;
+    an estimator with learnable parts (:data:`TRAINABLE`: REBAR, RELAX) gets an instance of its
+    own, trained with its model. ``options`` gives an estimator its own options (e.g.
+    ``{"relax": {"leave_one_out": True}}``); ``train_options`` go to every run
+    (``heldout=``, ``steps=``, ``evaluations=``, ...).
+
+    Returns:
+        :func:`train_sbn`'s records, each with ``variant`` and ``estimator`` added.
+
+    Raises:
+        ValueError: for an unknown variant, or what :func:`train_sbn` refuses.
+    """
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+    options = options or {}
+    records: list[dict[str, Any]] = []
+    for number, variant in enumerate(variants):
+        for name in estimators:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed + number)
+                model = SBNVAE(x_dim=train.shape[-1], variant=variant)
+                est = TRAINABLE[name]() if name in TRAINABLE else name  # a surrogate's init too
+            model = model.to(device=train.device, dtype=train.dtype)
+            runs = train_sbn(
+                model, train, estimator=est, seed=seed, **options.get(name, {}), **train_options
+            )
+            records += [{"variant": variant, "estimator": name, **r} for r in runs]
     return records
