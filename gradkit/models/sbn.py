@@ -1059,7 +1059,7 @@ def train_sbn(
     return records
 
 
-#: estimators with learnable parts: each run of :func:`compare_estimators` builds its own
+#: The estimators with learnable parts, each built afresh for every run of compare_estimators.
 TRAINABLE: dict[str, Callable[[], Estimator]] = {
     "rebar": lambda: gk.discrete.REBAR(),
     "relax": lambda: gk.discrete.RELAX(),
