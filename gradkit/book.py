@@ -40,6 +40,7 @@ __all__ = [
     "Context",
     "build_book",
     "chapter_files",
+    "clean_notebook",
     "execute_all",
     "execute_chapter",
     "git_commit",
@@ -283,6 +284,57 @@ def execute_all(
     return done
 
 
+def _without_paths(text: str, prefixes: Sequence[tuple[str, str]]) -> str:
+    for prefix, replacement in prefixes:
+        text = text.replace(prefix, replacement)
+    return text
+
+
+def clean_notebook(executed: Path, dest: Path, folders: Sequence[Path]) -> Path:
+    """Copy an executed chapter for the book: no papermill cell, no machine paths.
+
+    papermill's injected-parameters cell and metadata are dropped and the chapter's own
+    parameters cell is rewritten to the values the run used (``output_dir`` left out) and
+    folded; every output that names one of ``folders`` (the build folder, the checkout) names
+    it relative instead (``_build/...``, ``./...``), so no page shows where the book was built.
+    The colophon keeps the full provenance.
+    """
+    import nbformat
+
+    notebook = nbformat.read(executed, as_version=4)
+    notebook.metadata.pop("papermill", None)  # its input and output paths
+    injected = [c for c in notebook.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    notebook.cells = [c for c in notebook.cells if c not in injected]
+    used = "\n".join(
+        line
+        for cell in injected
+        for line in cell.source.splitlines()
+        if line.strip() and not line.startswith(("#", "output_dir"))
+    )
+    prefixes = []  # absolute spellings only (the first folder is the build folder)
+    for number, folder in enumerate(folders):
+        replacement = "_build" if number == 0 else "."
+        for spelling in {str(Path(folder).resolve()), str(Path(folder).absolute())}:
+            prefixes.append((spelling, replacement))
+    for cell in notebook.cells:
+        tags = cell.metadata.setdefault("tags", [])
+        if "parameters" in tags:
+            if used:
+                cell.source = (
+                    "# the parameters of this run (every record is in the colophon)\n" + used
+                )
+            if "hide-cell" not in tags:
+                tags.append("hide-cell")
+        for output in cell.get("outputs", []):
+            if "text" in output:
+                output["text"] = _without_paths(output["text"], prefixes)
+            for kind, value in output.get("data", {}).items():
+                if kind.startswith("text/") and isinstance(value, str):
+                    output["data"][kind] = _without_paths(value, prefixes)
+    nbformat.write(notebook, dest)
+    return dest
+
+
 def _stage(build_dir: Path, root: Path) -> Path:
     """Assemble the book's source: config, pages, executed notebooks (never the .md chapters)."""
     site = build_dir / "site"
@@ -304,7 +356,7 @@ def _stage(build_dir: Path, root: Path) -> Path:
                     "SCALE=smoke`) before `make book`"
                 )
             (site / "chapters").mkdir(exist_ok=True)
-            shutil.copy2(executed, site / f"{page}.ipynb")
+            clean_notebook(executed, site / f"{page}.ipynb", [build_dir, root])
         elif not (site / f"{page}.md").exists():
             (site / f"{page}.md").parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(root / f"{page}.md", site / f"{page}.md")

@@ -160,7 +160,7 @@ def html(build_dir):
 
 
 @pytest.mark.slow
-def test_book_builds_without_warnings(html):
+def test_book_builds_without_warnings(html, build_dir):
     import datetime
 
     index = (html / "intro.html").read_text()
@@ -171,6 +171,9 @@ def test_book_builds_without_warnings(html):
     for source in CHAPTERS:
         page = (html / "chapters" / f"{source.stem}.html").read_text()
         assert "Traceback" not in page, f"{source.stem} shows an error"
+        for where in {str(ROOT), str(build_dir), str(build_dir.resolve())}:
+            assert where not in page, f"{source.stem} shows the machine path {where}"
+        assert "injected-parameters" not in page and "# Parameters" not in page
     assert "mohamed2020monte" not in index  # citation keys are resolved, not printed raw
 
 
@@ -238,3 +241,37 @@ def test_gpu_workflow_calls_the_make_targets():
     ]
     assert "make test" in runs
     assert "make execute SCALE=paper" in runs
+
+
+def test_clean_notebook_drops_papermill_and_machine_paths(tmp_path):
+    import nbformat
+
+    build = tmp_path / "build"
+    notebook = nbformat.v4.new_notebook()
+    notebook.metadata["papermill"] = {"output_path": str(build / "x.ipynb")}
+    own = nbformat.v4.new_code_cell('scale = "default"\nseed = 0\noutput_dir = None')
+    own.metadata["tags"] = ["parameters"]
+    injected = nbformat.v4.new_code_cell(
+        f'# Parameters\nscale = "smoke"\nseed = 3\noutput_dir = "{build / "figures"}"\n'
+    )
+    injected.metadata["tags"] = ["injected-parameters"]
+    shown = nbformat.v4.new_code_cell("ctx.savefig(fig, 'a')")
+    shown.outputs = [
+        nbformat.v4.new_output(
+            "execute_result", {"text/plain": f"[PosixPath('{build}/figures/c/a.png')]"}
+        ),
+        nbformat.v4.new_output("stream", name="stdout", text=f"data in {ROOT}/data\n"),
+    ]
+    notebook.cells = [own, injected, shown]
+    source = tmp_path / "in.ipynb"
+    nbformat.write(notebook, source)
+    clean = nbformat.read(book.clean_notebook(source, tmp_path / "out.ipynb", [build, ROOT]), 4)
+    text = (tmp_path / "out.ipynb").read_text()
+    assert str(build) not in text and str(ROOT) not in text
+    assert "papermill" not in clean.metadata and len(clean.cells) == 2
+    params = clean.cells[0]
+    assert params.source.endswith('scale = "smoke"\nseed = 3')
+    assert "hide-cell" in params.metadata["tags"]
+    outputs = clean.cells[1].outputs
+    assert outputs[0]["data"]["text/plain"] == "[PosixPath('_build/figures/c/a.png')]"
+    assert outputs[1]["text"] == "data in ./data\n"
