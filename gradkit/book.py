@@ -347,6 +347,8 @@ def _stage(build_dir: Path, root: Path) -> Path:
     (site / "_config.yml").write_text(config)
     for name in ("_toc.yml", "references.bib", "intro.md"):
         shutil.copy2(root / name, site / name)
+    if (root / "_static").is_dir():  # the book's own CSS (Jupyter Book links every file there)
+        shutil.copytree(root / "_static", site / "_static")
     for page in re.findall(r"file:\s*([\w/-]+)", (root / "_toc.yml").read_text()):
         if page.startswith("chapters/"):
             executed = build_dir / "executed" / f"{page}.ipynb"

@@ -175,6 +175,8 @@ def test_book_builds_without_warnings(html, build_dir):
             assert where not in page, f"{source.stem} shows the machine path {where}"
         assert "injected-parameters" not in page and "# Parameters" not in page
     assert "mohamed2020monte" not in index  # citation keys are resolved, not printed raw
+    # wide display equations scroll inside their block rather than widen the page
+    assert "wide-math.css" in index and (html / "_static" / "wide-math.css").exists()
 
 
 def _chromium() -> str | None:
