@@ -35,12 +35,12 @@ $(PEERS): $(STAMP) pyproject.toml constraints.txt
 setup: $(STAMP) ## Create .venv with the pinned toolchain and gradkit (re-run only when pins change)
 
 execute: setup $(PEERS) ## Execute every chapter at SCALE (figures + provenance in _build/figures), then build the book
-	$(PY) -m gradkit.book execute --scale $(SCALE) --seed $(SEED) --build-dir $(BUILD)
-	$(PY) -m gradkit.book build --build-dir $(BUILD)
+	$(PY) -m compendium.book execute --scale $(SCALE) --seed $(SEED) --build-dir $(BUILD)
+	$(PY) -m compendium.book build --build-dir $(BUILD)
 	@echo "Book: $(BUILD)/html/index.html"
 
 book: setup ## Build the HTML book from already-executed notebooks (run 'make execute' first)
-	$(PY) -m gradkit.book build --build-dir $(BUILD)
+	$(PY) -m compendium.book build --build-dir $(BUILD)
 
 lint: setup ## ruff lint and format check
 	$(PY) -m ruff check .

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradkit.book import git_commit
+from compendium.book import git_commit
 
 __all__ = [
     "RESULTS",

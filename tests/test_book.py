@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from gradkit import book
+from compendium import book
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAPTERS = book.chapter_files(ROOT)

@@ -88,6 +88,8 @@ def test_wheel_metadata(wheel):
         meta = email.parser.Parser().parsestr(archive.read(meta_name).decode())
     assert "gradkit/py.typed" in names
     assert "gradkit/models/bandit.py" in names and "gradkit/data/__init__.py" in names
+    # the library alone: the compendium's machinery stays in the checkout
+    assert not [n for n in names if n.startswith("compendium/") or n.endswith("/book.py")]
     assert meta["Version"] == gradkit.__version__
     requires = meta.get_all("Requires-Dist")
     runtime = {re.match(r"[A-Za-z0-9_.-]+", r).group(0).lower() for r in requires if ";" not in r}

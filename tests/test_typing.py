@@ -1,4 +1,4 @@
-"""The package type-checks: mypy, configured in pyproject.toml [tool.mypy] (strict, gradkit/)."""
+"""The packages type-check: mypy, configured in pyproject.toml [tool.mypy] (strict)."""
 
 from __future__ import annotations
 

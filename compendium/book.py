@@ -1,15 +1,16 @@
 """The compendium's machinery: chapter context, figures with provenance, execution, book build.
 
-Chapters call :class:`Context` once, in the cell after their ``parameters`` cell::
+Chapters call :class:`Context` once (``from compendium import book``), in the cell after their
+``parameters`` cell::
 
-    ctx = gk.book.Context("log_derivative", scale=scale, seed=seed, output_dir=output_dir)
+    ctx = book.Context("log_derivative", scale=scale, seed=seed, output_dir=output_dir)
     n = ctx.pick(smoke=200, default=20_000, paper=200_000)
     ...
     ctx.savefig(fig, "score_identities")   # PNG + PDF + provenance JSON
 
-``python -m gradkit.book execute --scale smoke`` converts every chapter listed in ``_toc.yml``
+``python -m compendium.book execute --scale smoke`` converts every chapter listed in ``_toc.yml``
 with jupytext, executes it with papermill and writes executed notebooks and figures under the
-build folder; ``python -m gradkit.book build`` assembles and builds the Jupyter Book. The
+build folder; ``python -m compendium.book build`` assembles and builds the Jupyter Book. The
 Makefile's ``execute`` and ``book`` targets call these.
 """
 
@@ -276,10 +277,10 @@ def execute_all(
             continue
         out = build_dir / "executed" / "chapters" / f"{source.stem}.ipynb"
         started = time.perf_counter()
-        print(f"[gradkit.book] executing {source.name} at scale={scale} ...", flush=True)
+        print(f"[compendium] executing {source.name} at scale={scale} ...", flush=True)
         params = {"scale": scale, "seed": seed, "output_dir": str(figures)}
         execute_chapter(source, out, params, cwd=root, timeout=None if scale == "paper" else 3600)
-        print(f"[gradkit.book]   done in {time.perf_counter() - started:.1f} s", flush=True)
+        print(f"[compendium]   done in {time.perf_counter() - started:.1f} s", flush=True)
         done.append(out)
     return done
 
@@ -381,7 +382,7 @@ def build_book(build_dir: Path, root: Path = ROOT) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gradkit.book", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m compendium.book", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     ex = sub.add_parser("execute", help="execute the chapters")
     ex.add_argument("--scale", default="default", choices=SCALES)
@@ -395,9 +396,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "execute":
             execute_all(args.scale, args.seed, args.build_dir, args.only)
         else:
-            print(f"[gradkit.book] book at {build_book(args.build_dir)}/index.html")
+            print(f"[compendium] book at {build_book(args.build_dir)}/index.html")
     except (ChapterError, FileNotFoundError, RuntimeError) as err:
-        print(f"[gradkit.book] error: {err}", file=sys.stderr)
+        print(f"[compendium] error: {err}", file=sys.stderr)
         return 1
     return 0
 
