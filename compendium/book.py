@@ -41,12 +41,14 @@ __all__ = [
     "Context",
     "build_book",
     "chapter_files",
+    "chapter_times",
     "clean_notebook",
     "execute_all",
     "execute_chapter",
     "git_commit",
     "pick_device",
     "provenance_records",
+    "record_chapter_time",
     "seed_everything",
 ]
 
@@ -280,9 +282,38 @@ def execute_all(
         print(f"[compendium] executing {source.name} at scale={scale} ...", flush=True)
         params = {"scale": scale, "seed": seed, "output_dir": str(figures)}
         execute_chapter(source, out, params, cwd=root, timeout=None if scale == "paper" else 3600)
-        print(f"[compendium]   done in {time.perf_counter() - started:.1f} s", flush=True)
+        seconds = time.perf_counter() - started
+        print(f"[compendium]   done in {seconds:.1f} s", flush=True)
+        record_chapter_time(figures, source.stem, scale, seconds)
         done.append(out)
     return done
+
+
+TIMES = "chapter_times.json"
+
+
+def record_chapter_time(figures_dir: Path, chapter: str, scale: str, seconds: float) -> Path:
+    """Add a chapter's execution time to ``<figures_dir>/chapter_times.json`` (one per chapter)."""
+    path = Path(figures_dir) / TIMES
+    path.parent.mkdir(parents=True, exist_ok=True)
+    times = json.loads(path.read_text()) if path.exists() else {}
+    times[chapter] = {"scale": scale, "seconds": round(seconds, 1)}
+    path.write_text(json.dumps(times, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def chapter_times(figures_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The chapters' execution times as ``make execute`` recorded them, in the order run.
+
+    Empty when the chapters were executed another way (the tests execute them one by one).
+    """
+    path = Path(figures_dir) / TIMES
+    if not path.exists():
+        return []
+    times = json.loads(path.read_text())
+    order = [p.stem for p in chapter_files()]
+    ranked = sorted(times, key=lambda c: order.index(c) if c in order else len(order))
+    return [{"chapter": c, **times[c]} for c in ranked]
 
 
 def _without_paths(text: str, prefixes: Sequence[tuple[str, str]]) -> str:

@@ -277,3 +277,15 @@ def test_clean_notebook_drops_papermill_and_machine_paths(tmp_path):
     outputs = clean.cells[1].outputs
     assert outputs[0]["data"]["text/plain"] == "[PosixPath('_build/figures/c/a.png')]"
     assert outputs[1]["text"] == "data in ./data\n"
+
+
+def test_chapter_times_are_recorded_in_the_table_of_contents_order(tmp_path):
+    assert book.chapter_times(tmp_path) == []
+    first, second = CHAPTERS[0].stem, CHAPTERS[1].stem
+    book.record_chapter_time(tmp_path, second, "smoke", 2.04)
+    book.record_chapter_time(tmp_path, first, "smoke", 1.0)
+    book.record_chapter_time(tmp_path, first, "default", 3.0)  # a rerun replaces the time
+    assert book.chapter_times(tmp_path) == [
+        {"chapter": first, "scale": "default", "seconds": 3.0},
+        {"chapter": second, "scale": "smoke", "seconds": 2.0},
+    ]
