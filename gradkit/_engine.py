@@ -196,7 +196,11 @@ def closed_form_scores(
 
 
 def leaf_gradients(
-    tensors: Sequence[Tensor], fn: Callable[..., Tensor], num_samples: int | None
+    tensors: Sequence[Tensor],
+    fn: Callable[..., Tensor],
+    num_samples: int | None,
+    *,
+    create_graph: bool = False,
 ) -> list[Tensor]:
     r"""Gradients of ``fn(*leaves).sum()`` with respect to fresh leaves made from ``tensors``.
 
@@ -204,7 +208,9 @@ def leaf_gradients(
     ``S`` copies, ``(S, *shape)``, so that anything ``fn`` computes for sample ``s`` from copy
     ``s`` alone yields sample ``s``'s own gradient in one backward pass; with ``None`` the
     leaves have the tensors' own shapes (the summed gradient, at their memory cost). Unused
-    leaves get zeros. Works under ``torch.inference_mode`` and ``torch.no_grad``.
+    leaves get zeros. Works under ``torch.inference_mode`` and ``torch.no_grad``. With
+    ``create_graph`` the gradients keep their graph (to tensors ``fn`` closes over, such as an
+    estimator's own parameters) instead of being detached.
     """
     with torch.inference_mode(False), torch.enable_grad():
         leaves = []
@@ -218,9 +224,11 @@ def leaf_gradients(
         value = fn(*leaves)
         if not value.requires_grad:
             return [torch.zeros_like(p).detach() for p in leaves]
-        grads = torch.autograd.grad(value.sum(), leaves, allow_unused=True)
+        grads = torch.autograd.grad(
+            value.sum(), leaves, allow_unused=True, create_graph=create_graph
+        )
     return [
-        torch.zeros_like(p).detach() if g is None else g.detach()
+        torch.zeros_like(p).detach() if g is None else (g if create_graph else g.detach())
         for p, g in zip(leaves, grads, strict=True)
     ]
 
@@ -230,6 +238,8 @@ def gradients(
     fn: Callable[[Distribution], Tensor],
     names: Sequence[str],
     num_samples: int | None = None,
+    *,
+    create_graph: bool = False,
 ) -> dict[str, Tensor]:
     r"""Gradients of ``fn(rebuilt distribution).sum()`` with respect to parameters ``names``.
 
@@ -246,7 +256,8 @@ def gradients(
     def of_leaves(*leaves: Tensor) -> Tensor:
         return fn(resolved.rebuild(dict(zip(names, leaves, strict=True))))
 
-    grads = leaf_gradients([resolved.params[n] for n in names], of_leaves, num_samples)
+    tensors = [resolved.params[n] for n in names]
+    grads = leaf_gradients(tensors, of_leaves, num_samples, create_graph=create_graph)
     return dict(zip(names, grads, strict=True))
 
 

