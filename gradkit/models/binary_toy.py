@@ -22,10 +22,10 @@ from torch import Tensor
 from torch.distributions import Bernoulli
 
 from gradkit.autodiff import expectation
+from gradkit.models.sbn import EVALUATIONS_PER_SAMPLE
 from gradkit.registry import Estimator, get_estimator
 
 __all__ = [
-    "EVALUATIONS_PER_DRAW",
     "exact_gradient",
     "expected_cost",
     "optimise",
@@ -33,20 +33,16 @@ __all__ = [
     "variance_by_evaluations",
 ]
 
-#: evaluations of ``f`` per draw (``num_samples`` counts draws): REBAR also evaluates ``f`` at
-#: the two relaxed points of each draw
-EVALUATIONS_PER_DRAW = {"rebar": 3}
 
-
-def _name(estimator: str | Estimator) -> str:
-    return get_estimator(estimator).name
+def _per_draw(estimator: str | Estimator) -> int:
+    """Evaluations of ``f`` per draw, by the VAE benchmark's rule (REBAR: 3), else 1."""
+    return EVALUATIONS_PER_SAMPLE.get(get_estimator(estimator).name, 1)
 
 
 def _draws(estimator: str | Estimator, evaluations: int) -> int:
     """The draws that cost ``evaluations`` evaluations (even for the antithetic pairs)."""
-    name = _name(estimator)
-    draws = max(1, evaluations // EVALUATIONS_PER_DRAW.get(name, 1))
-    if name in ("arm", "disarm"):
+    draws = max(1, evaluations // _per_draw(estimator))
+    if get_estimator(estimator).name in ("arm", "disarm"):
         draws = max(2, draws - draws % 2)
     return draws
 
@@ -128,7 +124,7 @@ def variance_by_evaluations(
             rows.append(
                 {
                     "estimator": label,
-                    "evaluations": draws * EVALUATIONS_PER_DRAW.get(_name(estimator), 1),
+                    "evaluations": draws * _per_draw(estimator),
                     "draws": draws,
                     "mean": mean,
                     "standard_error": se,
