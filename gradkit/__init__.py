@@ -19,6 +19,7 @@ from gradkit import (
     registry,
     reparam,
     scg,
+    stochastic_ad,
     unordered_set,
 )
 from gradkit.autodiff import expectation
@@ -67,6 +68,7 @@ __all__ = [
     "scg",
     "score",
     "score_function",
+    "stochastic_ad",
     "unordered_set",
     "vimco",
 ]

@@ -22,10 +22,12 @@ import torch
 from torch import Tensor
 from torch.distributions import (
     Bernoulli,
+    Binomial,
     Categorical,
     Distribution,
     Exponential,
     Gamma,
+    Geometric,
     Independent,
     Laplace,
     Normal,
@@ -54,6 +56,7 @@ BUILT_IN = (
     "gumbel_rao",
     "rebar",
     "relax",
+    "stochastic_ad",
 )
 NUM_SAMPLES = 20_000
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
@@ -207,6 +210,31 @@ CASES = [
         Poisson,
         lambda x: x[..., 0] * x[..., 1] + x[..., 0] ** 2,
         _autograd_exact(lambda rate: rate[0] * rate[1] + rate[0] + rate[0] ** 2),
+        plate=False,
+    ),
+    Case(
+        "binomial-plate",
+        {"probs": [0.3, 0.75]},
+        lambda probs: Binomial(
+            torch.tensor([4.0, 6.0], dtype=probs.dtype, device=probs.device), probs
+        ),
+        lambda x: x**2,
+        _autograd_exact(
+            lambda probs: (
+                torch.tensor([4.0, 6.0]) * probs * (1 - probs)
+                + (torch.tensor([4.0, 6.0]) * probs) ** 2
+            ).sum()
+        ),
+        plate=True,
+    ),
+    Case(
+        "geometric-coupled",
+        {"probs": [0.4, 0.7]},
+        Geometric,
+        lambda x: x[..., 0] * x[..., 1] + x[..., 0].clamp(max=2.0),
+        _autograd_exact(
+            lambda probs: ((1 - probs) / probs).prod() + (1 - probs[0]) + (1 - probs[0]) ** 2
+        ),
         plate=False,
     ),
     Case(
