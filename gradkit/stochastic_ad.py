@@ -142,8 +142,8 @@ def _binomial_table(n: Tensor, p: Tensor) -> Tensor:
         torch.lgamma(n_ + 1.0)
         - torch.lgamma(j + 1.0)
         - torch.lgamma((n_ - j).clamp_min(0.0) + 1.0)
-        + torch.xlogy(j, p_)
-        + torch.xlogy((n_ - j).clamp_min(0.0), 1.0 - p_)
+        + _xlogy(j, p_)
+        + _xlogy((n_ - j).clamp_min(0.0), 1.0 - p_)
     )
     return torch.where(inside, log_pmf.exp(), torch.zeros_like(log_pmf))
 
@@ -188,6 +188,12 @@ class _Family:
             up = torch.where(xf < top, up, torch.zeros_like(up))
         down = torch.where(xf > 0, down, torch.zeros_like(down))
         return up, down
+
+
+def _xlogy(k: Tensor, y: Tensor) -> Tensor:
+    """``k log y`` with 0 where ``k = 0``, and a derivative that is 0 there too (no 0/0)."""
+    empty = k == 0
+    return torch.where(empty, 0.0, k * torch.log(torch.where(empty, 1.0, y)))
 
 
 def _below_zero(k: Tensor, value: Tensor) -> Tensor:
@@ -275,7 +281,7 @@ _BERNOULLI = _Family(
     ("probs",),
     cdf=lambda p, k: _below_zero(k, torch.where(k < 1, 1.0 - p, torch.ones_like(p))),
     icdf=lambda p, u: (u > 1.0 - p).to(p.dtype),
-    log_prob=lambda p, k: torch.xlogy(k, p) + torch.xlogy(1.0 - k, 1.0 - p),
+    log_prob=lambda p, k: _xlogy(k, p) + _xlogy(1.0 - k, 1.0 - p),
     upper=lambda p: torch.ones_like(p),
     check=_check_bernoulli,
 )
@@ -289,8 +295,8 @@ _BINOMIAL = _Family(
         torch.lgamma(n + 1.0)
         - torch.lgamma(k + 1.0)
         - torch.lgamma(n - k + 1.0)
-        + torch.xlogy(k, p)
-        + torch.xlogy(n - k, 1.0 - p)
+        + _xlogy(k, p)
+        + _xlogy(n - k, 1.0 - p)
     ),
     upper=lambda n, p: n,
     check=_check_binomial,
@@ -302,7 +308,7 @@ _GEOMETRIC = _Family(
     ("probs",),
     cdf=lambda p, k: _below_zero(k, -torch.expm1((k + 1.0) * torch.log1p(-p))),
     icdf=lambda p, u: (torch.ceil(torch.log1p(-u) / torch.log1p(-p)) - 1.0).clamp_min(0.0),
-    log_prob=lambda p, k: torch.xlogy(k, 1.0 - p) + torch.log(p),
+    log_prob=lambda p, k: _xlogy(k, 1.0 - p) + torch.log(p),
     upper=lambda p: None,
     check=_check_geometric,
 )
@@ -312,7 +318,7 @@ _POISSON = _Family(
     ("rate",),
     cdf=lambda rate, k: _below_zero(k, _PoissonCDF.apply(k.clamp_min(0.0), rate)),
     icdf=_poisson_icdf,
-    log_prob=lambda rate, k: torch.xlogy(k, rate) - rate - torch.lgamma(k + 1.0),
+    log_prob=lambda rate, k: _xlogy(k, rate) - rate - torch.lgamma(k + 1.0),
     upper=lambda rate: None,
     check=_check_poisson,
 )

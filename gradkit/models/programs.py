@@ -1,0 +1,388 @@
+r"""Programs with discrete randomness and their exact derivatives (for stochastic triples).
+
+Two programs written for one run with :mod:`gradkit.stochastic_ad`'s samplers, each with an
+exact reference by dynamic programming over its finite state space, differentiated by
+autograd:
+
+* :func:`random_walk`: ``steps`` moves of ±1 from 0; the move is up with probability
+  :math:`e^{-x/\theta}` at position :math:`x` (the walk of Arya et al. 2022, pushed back from
+  0 and slowed as it climbs), the cost :math:`x_n^2`. The exact value sums over the
+  :math:`n+1` positions (:func:`random_walk_exact`).
+* :func:`inventory_cost`: a periodic-review inventory with lost sales under Poisson demand
+  (the sources name inventory control as a use of gradient estimation, Mohamed et al. 2020,
+  §1): each period the demand :math:`D_t \sim \mathrm{Poisson}(\lambda)` is served from stock
+  :math:`s_t`, leftover stock costs ``holding`` per unit and lost sales ``lost_sale`` per unit,
+  and the stock is replenished towards a base-stock level, at most ``capacity`` units a period.
+  The level is :math:`S` or :math:`S + 1`, the latter with probability :math:`\phi`, drawn each
+  period: a randomised base-stock policy whose level is continuous in :math:`\phi` (the
+  derivative in :math:`\phi` is the slope of the expected cost between the levels
+  :math:`S` and :math:`S+1`). :func:`inventory_exact` runs the Markov chain on the stock
+  levels :math:`0..S+1`.
+
+:func:`variance_by_length` and :func:`single_draw_table` are the chapter's studies: the
+per-run variance of the stochastic derivative against the score function (leave-one-out
+baseline) as the walk gets longer, and on programs with a single draw against the
+measure-valued estimator too.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+import gradkit as gk
+from gradkit import stochastic_ad as sad
+
+__all__ = [
+    "SINGLE_DRAWS",
+    "InventoryPolicy",
+    "SingleDraw",
+    "estimator_rows",
+    "inventory_cost",
+    "inventory_exact",
+    "random_walk",
+    "random_walk_exact",
+    "single_draw_table",
+    "variance_by_length",
+]
+
+
+def random_walk(theta: Any, steps: int) -> Any:
+    r"""One run of the walk: ``steps`` moves of ±1 from 0, up with probability
+    :math:`e^{-x/\theta}` at position :math:`x \ge 0`; returns :math:`x_n^2`.
+
+    Example:
+        >>> import torch
+        >>> from gradkit import stochastic_ad as sad
+        >>> g = sad.derivative_estimates(lambda t: random_walk(t, 10), torch.tensor(20.0), 4)
+        >>> g.shape
+        torch.Size([4])
+    """
+    position = torch.zeros((), dtype=theta.dtype, device=theta.device)
+    for _ in range(steps):
+        up = sad.bernoulli(torch.exp(-position / theta))
+        position = position + 2.0 * up - 1.0
+    return position**2
+
+
+def random_walk_exact(theta: float | Tensor, steps: int) -> tuple[float, float]:
+    r"""The exact :math:`\mathbb{E}[x_n^2]` of :func:`random_walk` and its derivative in
+    :math:`\theta` (float64).
+
+    The walk never goes below 0 (from 0 it moves up surely), so the law of the position is a
+    vector over :math:`0..n`, moved one step at a time; autograd differentiates the recursion.
+
+    Example:
+        >>> random_walk_exact(5.0, 1)  # the first step is up: x^2 = 1 whatever theta is
+        (1.0, 0.0)
+    """
+    t = torch.tensor(float(theta), dtype=torch.float64, requires_grad=True)
+    positions = torch.arange(steps + 1, dtype=torch.float64)
+    law = (positions == 0).to(torch.float64)
+    zero = torch.zeros(1, dtype=torch.float64)
+    for _ in range(steps):
+        up = torch.exp(-positions / t)
+        law = torch.cat([zero, (law * up)[:-1]]) + torch.cat([(law * (1.0 - up))[1:], zero])
+    value = (law * positions**2).sum()
+    (slope,) = torch.autograd.grad(value, t)
+    return value.item(), slope.item()
+
+
+@dataclass(frozen=True)
+class InventoryPolicy:
+    """The inventory's constants: base-stock level ``S``, capacity, costs and horizon.
+
+    Attributes:
+        base_stock: the lower base-stock level :math:`S` (the upper one is :math:`S + 1`).
+        capacity: the most units that arrive in one period.
+        holding: the cost of a unit left over at the end of a period.
+        lost_sale: the cost of a unit of demand that finds no stock.
+        periods: the horizon; the cost is the mean over periods, from a full stock.
+    """
+
+    base_stock: int = 8
+    capacity: int = 6
+    holding: float = 1.0
+    lost_sale: float = 4.0
+    periods: int = 20
+
+    def __post_init__(self) -> None:
+        for name in ("base_stock", "capacity", "periods"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def inventory_cost(theta: Any, policy: InventoryPolicy = InventoryPolicy()) -> Any:
+    r"""One run of the inventory: ``theta = (demand rate λ, probability φ of the level S + 1)``;
+    returns the mean cost per period.
+
+    Example:
+        >>> import torch
+        >>> from gradkit import stochastic_ad as sad
+        >>> g = sad.derivative_estimates(inventory_cost, torch.tensor([5.0, 0.5]), 3)
+        >>> g.shape
+        torch.Size([3, 2])
+    """
+    rate, upper = theta[0], theta[1]
+    stock = torch.full((), float(policy.base_stock), dtype=rate.dtype, device=rate.device)
+    total = torch.zeros((), dtype=rate.dtype, device=rate.device)
+    for _ in range(policy.periods):
+        demand = sad.poisson(rate)
+        sold = torch.minimum(stock, demand)
+        left = stock - sold
+        total = total + policy.holding * left + policy.lost_sale * (demand - sold)
+        level = policy.base_stock + sad.bernoulli(upper)
+        stock = torch.minimum(left + policy.capacity, level)
+    return total / policy.periods
+
+
+def inventory_exact(
+    theta: Sequence[float] | Tensor, policy: InventoryPolicy = InventoryPolicy()
+) -> tuple[float, Tensor]:
+    r"""The exact expected mean cost and its gradient in :math:`(\lambda, \phi)` (float64).
+
+    The stock :math:`s \in \{0, .., S+1\}` is a Markov chain. From stock :math:`s` the leftover
+    is :math:`s - k` with probability :math:`p_\lambda(k)` for :math:`k < s` and 0 with the
+    rest, the expected cost is :math:`h\,\mathbb{E}[\text{left}] + c\,(\lambda - s +
+    \mathbb{E}[\text{left}])` (because :math:`\max(D-s,0) - \max(s-D,0) = D - s`), and the next
+    stock is :math:`\min(\text{left} + C, S + B)` with :math:`B \sim \mathrm{Bern}(\phi)`.
+    Nothing is truncated: the result is exact up to rounding.
+
+    Example:
+        >>> value, grad = inventory_exact([5.0, 0.5])
+        >>> grad.shape
+        torch.Size([2])
+    """
+    t = torch.as_tensor(theta, dtype=torch.float64).detach().clone().requires_grad_(True)
+    rate, upper = t[0], t[1]
+    top = policy.base_stock + 1
+    states = torch.arange(top + 1, dtype=torch.float64)
+    k = torch.arange(top + 1, dtype=torch.float64)
+    pmf = torch.exp(torch.xlogy(k, rate) - rate - torch.lgamma(k + 1.0))  # P(D = k), k <= S+1
+    # left[s, j] = P(leftover j | stock s)
+    gap = (states.unsqueeze(1) - k.unsqueeze(0)).long()  # s - j: the demand that leaves j
+    inside = (gap >= 0) & (k.unsqueeze(0) >= 1)
+    left = torch.where(inside, pmf[gap.clamp(0, top)], torch.zeros(()))
+    left = torch.cat([1.0 - left[:, 1:].sum(1, keepdim=True), left[:, 1:]], 1)
+    mean_left = (left * k).sum(1)
+    cost = policy.holding * mean_left + policy.lost_sale * (rate - states + mean_left)
+
+    def moves(level: int) -> Tensor:
+        after = torch.clamp(k + policy.capacity, max=level).long()
+        return torch.nn.functional.one_hot(after, top + 1).to(torch.float64)
+
+    transition = left @ ((1.0 - upper) * moves(policy.base_stock) + upper * moves(top))
+    law = (states == policy.base_stock).to(torch.float64)
+    total = torch.zeros((), dtype=torch.float64)
+    for _ in range(policy.periods):
+        total = total + law @ cost
+        law = law @ transition
+    value = total / policy.periods
+    (grad,) = torch.autograd.grad(value, t)
+    return value.item(), grad
+
+
+# -- the chapter's studies --------------------------------------------------------------------
+
+Program = Callable[[Any], Any]
+
+
+def estimator_rows(
+    program: Program,
+    theta: Tensor,
+    num_samples: int,
+    exact: Tensor | float,
+    *,
+    generator: torch.Generator | None = None,
+) -> list[dict[str, Any]]:
+    """The stochastic derivative (pruned, smoothed) and the score function (leave-one-out) of
+    one program at one ``theta``: mean, exact value, z-score, per-run variance and seconds.
+
+    All three start from the same generator state, so they see the same draws.
+
+    Returns:
+        one dict per estimator with ``estimator``, ``mean``, ``exact``, ``z``, ``variance``,
+        ``seconds`` (coordinate 0 for ``mean``, ``exact`` and ``z``; ``variance`` summed).
+    """
+    state = None if generator is None else generator.get_state()
+    runs: list[tuple[str, Callable[[torch.Generator | None], Tensor]]] = [
+        (
+            "stochastic_ad",
+            lambda g: sad.derivative_estimates(program, theta, num_samples, generator=g),
+        ),
+        (
+            "stochastic_ad (smooth, biased)",
+            lambda g: sad.derivative_estimates(
+                program, theta, num_samples, strategy="smooth", generator=g
+            ),
+        ),
+        (
+            "score_function (LOO)",
+            lambda g: sad.score_function_estimates(program, theta, num_samples, generator=g),
+        ),
+    ]
+    exact_t = torch.as_tensor(exact, dtype=torch.float64)
+    rows = []
+    for name, call in runs:
+        if generator is not None and state is not None:
+            generator.set_state(state)
+        start = time.perf_counter()
+        est = call(generator).detach().double().cpu()
+        seconds = time.perf_counter() - start
+        flat = est.reshape(num_samples, -1)
+        mean, var = flat.mean(0), flat.var(0)
+        z = (mean - exact_t.reshape(-1)) / (var / num_samples).sqrt().clamp_min(1e-12)
+        rows.append(
+            {
+                "estimator": name,
+                "mean": mean[0].item(),
+                "exact": exact_t.reshape(-1)[0].item(),
+                "z": z[0].item(),
+                "variance": var.sum().item(),
+                "seconds": seconds,
+            }
+        )
+    return rows
+
+
+def variance_by_length(
+    lengths: Sequence[int],
+    num_samples: int = 10_000,
+    *,
+    scale: float = 2.0,
+    generator: torch.Generator | None = None,
+) -> Any:
+    r"""Per-run variance of the estimators on :func:`random_walk` for each number of steps
+    :math:`n`, at :math:`\theta` = ``scale`` :math:`\\cdot\\, n` (Arya et al. 2022 keep the walk's
+    reach proportional to its length this way).
+
+    Returns:
+        a pandas DataFrame, one row per (steps, estimator), with the columns of
+        :func:`estimator_rows`.
+
+    Example:
+        >>> t = variance_by_length([3], num_samples=50)
+        >>> sorted(t.estimator)[0], int(t.steps[0])
+        ('score_function (LOO)', 3)
+    """
+    import pandas as pd
+
+    rows = []
+    for steps in lengths:
+        theta = scale * steps
+        _, slope = random_walk_exact(theta, steps)
+        theta_t = torch.tensor(theta, dtype=torch.float64)
+        for row in estimator_rows(
+            lambda t, n=steps: random_walk(t, n), theta_t, num_samples, slope, generator=generator
+        ):
+            rows.append({"steps": steps, "theta": theta, **row})
+    return pd.DataFrame(rows)
+
+
+@dataclass(frozen=True)
+class SingleDraw:
+    """A program with one draw: the distribution, the cost and the parameter value.
+
+    Attributes:
+        name: a label.
+        sampler: the stochastic_ad sampler (``theta -> draw``).
+        dist: the same draw as a torch distribution of ``theta``.
+        cost: the cost of the draw, in torch operations (works on one run and on a batch).
+        theta: the parameter value.
+        exact: the exact derivative of the expected cost.
+    """
+
+    name: str
+    sampler: Callable[[Any], Any]
+    dist: Callable[[Tensor], Any]
+    cost: Callable[[Any], Any]
+    theta: float
+    exact: float
+
+
+SINGLE_DRAWS = (
+    # d/dλ E[X^2] = d/dλ (λ + λ²) = 1 + 2λ
+    SingleDraw("Poisson, x²", sad.poisson, torch.distributions.Poisson, lambda x: x**2, 3.0, 7.0),
+    # E[min(X, 4)] for the failures before a success: sum_{k<4} (1-p)^{k+1}
+    SingleDraw(
+        "Geometric, min(x, 4)",
+        sad.geometric,
+        torch.distributions.Geometric,
+        lambda x: x.clamp(max=4.0),
+        0.3,
+        -sum((k + 1) * 0.7**k for k in range(4)),
+    ),
+    # E[3x - 1] for a Bernoulli(p): slope 3
+    SingleDraw(
+        "Bernoulli, 3x − 1",
+        sad.bernoulli,
+        torch.distributions.Bernoulli,
+        lambda x: 3 * x - 1,
+        0.2,
+        3.0,
+    ),
+    # Binomial(10, p): d/dp E[x^2] = d/dp (10p(1-p) + 100p^2) = 10 - 20p + 200p
+    SingleDraw(
+        "Binomial(10), x²",
+        lambda p: sad.binomial(10, p),
+        lambda p: torch.distributions.Binomial(10, p),
+        lambda x: x**2,
+        0.3,
+        10 - 6 + 60,
+    ),
+)
+
+
+def single_draw_table(
+    draws: Sequence[SingleDraw] = SINGLE_DRAWS,
+    num_samples: int = 10_000,
+    *,
+    generator: torch.Generator | None = None,
+) -> Any:
+    """Each single-draw program under the three program estimators and the measure-valued one.
+
+    The measure-valued estimator (``gk.ESTIMATORS["measure_valued"]``) runs on ``dist(theta)``
+    with the same cost; its per-run variance counts one row per sample (each row costs two
+    evaluations of the cost, the stochastic derivative's one or two).
+
+    Returns:
+        a pandas DataFrame, one row per (program, estimator).
+    """
+    import pandas as pd
+
+    rows = []
+    for draw in draws:
+        theta = torch.tensor(draw.theta, dtype=torch.float64)
+        for row in estimator_rows(
+            lambda t, d=draw: d.cost(d.sampler(t)),
+            theta,
+            num_samples,
+            draw.exact,
+            generator=generator,
+        ):
+            rows.append({"program": draw.name, **row})
+        dist = draw.dist(theta.clone())
+        start = time.perf_counter()
+        mvd = gk.ESTIMATORS["measure_valued"](draw.cost, dist, num_samples, generator=generator)
+        seconds = time.perf_counter() - start
+        (est,) = mvd.values()
+        mean, var = est.mean().item(), est.var().item()
+        rows.append(
+            {
+                "program": draw.name,
+                "estimator": "measure_valued",
+                "mean": mean,
+                "exact": draw.exact,
+                "z": (mean - draw.exact) / math.sqrt(max(var, 1e-24) / num_samples),
+                "variance": var,
+                "seconds": seconds,
+            }
+        )
+    return pd.DataFrame(rows)
