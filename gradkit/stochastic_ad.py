@@ -68,6 +68,7 @@ as ``"stochastic_ad"`` (Bernoulli, Binomial, Geometric, Poisson, Categorical) fo
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -92,6 +93,7 @@ __all__ = [
     "derivative_estimates",
     "geometric",
     "poisson",
+    "program_values",
     "score_function_estimates",
 ]
 
@@ -470,7 +472,13 @@ class _Run:
         flat = theta.detach().reshape(1, d).expand(self.rows, d)
         tangent = torch.eye(d, dtype=self.dtype, device=self.device).repeat(self.samples, 1)
         shape = (self.rows, *theta.shape)
-        primal = fwAD.make_dual(flat.reshape(shape).clone(), tangent.reshape(shape))
+        with warnings.catch_warnings():
+            # torch loads its forward-mode decompositions on the first dual tensor, through a
+            # deprecated torch.jit.script call of its own: nothing a user can act on
+            warnings.filterwarnings(
+                "ignore", "`torch.jit.script` is deprecated", DeprecationWarning
+            )
+            primal = fwAD.make_dual(flat.reshape(shape).clone(), tangent.reshape(shape))
         return StochasticTriple(primal, primal.detach() if self.prunes else None, self)
 
     def uniform(self, shape: Sequence[int]) -> Tensor:
@@ -674,6 +682,9 @@ class StochasticTriple:
     def numel(self) -> int:
         return self.shape.numel()
 
+    ndimension = dim
+    nelement = numel
+
     def is_floating_point(self) -> bool:
         return self.primal.is_floating_point()
 
@@ -688,7 +699,10 @@ class StochasticTriple:
     # -- what would leave the triple --------------------------------------------------------------
 
     def __bool__(self) -> bool:
-        raise _control_flow("a Python `if`, `while`, `and`/`or` or bool()")
+        raise _control_flow(
+            "a Python `if`, `while`, `and`/`or` or bool() (torch.distributions check their "
+            "arguments this way: inside a program draw with gradkit.stochastic_ad's samplers)"
+        )
 
     def __int__(self) -> int:
         raise _control_flow("int()")
@@ -923,7 +937,7 @@ def categorical(probs: Any) -> Any:
 
 
 def _start(
-    program: Any, theta: Any, num_samples: Any, generator: Any, mode: str
+    program: Any, theta: Any, num_samples: Any, generator: Any, mode: str, minimum: int = 1
 ) -> tuple[_Run, Tensor]:
     """Check the arguments and make the call's state."""
     if not callable(program):
@@ -940,7 +954,8 @@ def _start(
             f"theta must be a floating-point torch.Tensor, got {got}; pass e.g. "
             "torch.tensor(0.3) or torch.tensor([0.3, 2.0])"
         )
-    _checks.check_num_samples(num_samples, 2 if mode == "score" else 1)
+    why = "the leave-one-out baseline needs another run" if minimum > 1 else ""
+    _checks.check_num_samples(num_samples, minimum, why)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(
             f"generator must be a torch.Generator or None, got {type(generator).__name__}"
@@ -1006,9 +1021,9 @@ def derivative_estimates(
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    run, triple = _start(program, theta, num_samples, generator, strategy)
+    run, theta = _start(program, theta, num_samples, generator, strategy)
     with fwAD.dual_level():
-        out = _execute(run, program, triple)
+        out = _execute(run, program, theta)
         est = run.estimates(out)
     return est.reshape(num_samples, *theta.shape)
 
@@ -1035,9 +1050,10 @@ def score_function_estimates(
     """
     if baseline not in ("leave_one_out", None):
         raise ValueError(f"baseline must be 'leave_one_out' or None, got {baseline!r}")
-    run, triple = _start(program, theta, num_samples, generator, "score")
+    minimum = 2 if baseline == "leave_one_out" else 1
+    run, theta = _start(program, theta, num_samples, generator, "score", minimum)
     with fwAD.dual_level():
-        out = run._output(_execute(run, program, triple))
+        out = run._output(_execute(run, program, theta))
         direct = _tangent(out.primal).to(run.dtype).reshape(num_samples, -1)
         score = _tangent(run.logp).reshape(num_samples, -1)
         value = _plain(out.primal).to(run.dtype).reshape(num_samples, -1)[:, 0]
@@ -1045,6 +1061,34 @@ def score_function_estimates(
         value = value - (value.sum() - value) / (num_samples - 1)
     est = direct + value.unsqueeze(1) * score
     return est.reshape(num_samples, *theta.shape)
+
+
+def program_values(
+    program: Callable[[Any], Any],
+    theta: Tensor,
+    num_samples: int,
+    *,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    r"""The program's value in each run, ``(num_samples,)``: a Monte Carlo sample of
+    :math:`\mathbb{E}[\mathrm{program}(\theta)]`.
+
+    The same generator state gives the same draws as :func:`derivative_estimates` and
+    :func:`score_function_estimates` (common random numbers: a finite difference of two calls
+    at nearby ``theta`` with the same state is the pathwise derivative of the draws held fixed).
+
+    Example:
+        >>> import torch, gradkit as gk
+        >>> v = gk.stochastic_ad.program_values(lambda t: gk.stochastic_ad.poisson(t),
+        ...     torch.tensor(2.0), 5, generator=torch.Generator().manual_seed(0))
+        >>> v.shape
+        torch.Size([5])
+    """
+    run, theta = _start(program, theta, num_samples, generator, "score", minimum=1)
+    with fwAD.dual_level():
+        out = run._output(_execute(run, program, theta))
+        value = _plain(out.primal).to(run.dtype)
+    return value.reshape(num_samples, -1)[:, 0].clone()
 
 
 # -- one draw from a torch distribution: the registered estimator -------------------------------

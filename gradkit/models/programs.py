@@ -27,6 +27,7 @@ measure-valued estimator too.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -279,9 +280,8 @@ def variance_by_length(
         theta = scale * steps
         _, slope = random_walk_exact(theta, steps)
         theta_t = torch.tensor(theta, dtype=torch.float64)
-        for row in estimator_rows(
-            lambda t, n=steps: random_walk(t, n), theta_t, num_samples, slope, generator=generator
-        ):
+        program = functools.partial(random_walk, steps=steps)
+        for row in estimator_rows(program, theta_t, num_samples, slope, generator=generator):
             rows.append({"steps": steps, "theta": theta, **row})
     return pd.DataFrame(rows)
 
@@ -305,6 +305,10 @@ class SingleDraw:
     cost: Callable[[Any], Any]
     theta: float
     exact: float
+
+    def program(self, theta: Any) -> Any:
+        """The program: the cost of one draw."""
+        return self.cost(self.sampler(theta))
 
 
 SINGLE_DRAWS = (
@@ -357,17 +361,11 @@ def single_draw_table(
     """
     import pandas as pd
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for draw in draws:
         theta = torch.tensor(draw.theta, dtype=torch.float64)
-        for row in estimator_rows(
-            lambda t, d=draw: d.cost(d.sampler(t)),
-            theta,
-            num_samples,
-            draw.exact,
-            generator=generator,
-        ):
-            rows.append({"program": draw.name, **row})
+        found = estimator_rows(draw.program, theta, num_samples, draw.exact, generator=generator)
+        rows.extend({"program": draw.name, **row} for row in found)
         dist = draw.dist(theta.clone())
         start = time.perf_counter()
         mvd = gk.ESTIMATORS["measure_valued"](draw.cost, dist, num_samples, generator=generator)
