@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from benchmarks import bench_core, bench_discrete, bench_per_sample, bench_scaling
+from benchmarks import bench_core, bench_discrete, bench_per_sample, bench_programs, bench_scaling
 from benchmarks.common import RESULTS, Z_THRESHOLD, load_results, machine_info, verdict
 
 __all__ = [
@@ -49,6 +49,7 @@ SIZES: dict[str, dict[str, Any]] = {
         "mvd_vae_encoder_gradient": {"batch_sizes": [8], "hidden_dim": 32, "repeats": 1},
         "discrete_toy": {"ts": bench_discrete.T_VALUES, "copies": 50, "samples": 4},
         "discrete_per_call": {"calls": 5, "batch": 50, "repeats": 1, "samples": 4},
+        "programs_walk": {"lengths": (5, 10), "runs": 200, "repeats": 1},
     },
     "default": {
         "peers": {"copies": 100, "samples": 100, "repeats": 3},
@@ -58,6 +59,7 @@ SIZES: dict[str, dict[str, Any]] = {
         "mvd_vae_encoder_gradient": {"batch_sizes": [128], "hidden_dim": 400, "repeats": 5},
         "discrete_toy": {"ts": bench_discrete.T_VALUES, "copies": 2000, "samples": 4},
         "discrete_per_call": {"calls": 50, "batch": 1000, "repeats": 3, "samples": 4},
+        "programs_walk": {"lengths": bench_programs.LENGTHS, "runs": 10_000, "repeats": 3},
         "scaling": {
             "samples": ((10, 100, 1_000, 10_000), {"batch": 1, "dim": 10}),
             "batch": ((1, 10, 100, 1_000), {"samples": 100, "dim": 10}),
@@ -76,6 +78,7 @@ SIZES: dict[str, dict[str, Any]] = {
         },
         "discrete_toy": {"ts": bench_discrete.T_VALUES, "copies": 10_000, "samples": 4},
         "discrete_per_call": {"calls": 1000, "batch": 1000, "repeats": 5, "samples": 4},
+        "programs_walk": {"lengths": bench_programs.LENGTHS, "runs": 100_000, "repeats": 5},
         "scaling": bench_scaling.SWEEPS,
     },
 }
@@ -91,6 +94,7 @@ OWN = (
     "mvd_vae_encoder_gradient",
     "discrete_toy",
     "discrete_per_call",
+    "programs_walk",
 )
 # Estimators every library computes the same way, from the same random numbers for one seed.
 SAME_ESTIMATORS = ("score_function", "score_function+leave_one_out", "pathwise")
@@ -120,7 +124,8 @@ def obtain(
     Args:
         name: one of :data:`OWN`: ``peers_bernoulli``, ``peers_factorised``,
             ``peers_gaussian``, ``per_sample``, ``scaling``, ``core_per_call``, ``core_scale``,
-            ``mvd_vae_encoder_gradient``, ``discrete_toy``, ``discrete_per_call``.
+            ``mvd_vae_encoder_gradient``, ``discrete_toy``, ``discrete_per_call``,
+            ``programs_walk``.
         scale: ``"smoke"``, ``"default"`` or ``"paper"``; only used when running.
         directory: where ``make bench`` writes results.
         workers: started peer processes (:func:`benchmarks.bench_peers.open_workers`); when
@@ -184,6 +189,9 @@ def obtain(
         table = make(**sizes[name], peers=wanted, worker=worker)
         skipped = dict(table.attrs.get("skipped", {}))
         meta = {"sizes": dict(sizes[name]), "skipped": skipped}
+    elif name == "programs_walk":
+        table = bench_programs.compare(**sizes[name])
+        meta = {"sizes": dict(sizes[name])}
     elif name == "mvd_vae_encoder_gradient":
         from benchmarks import bench_mvd_vae
 

@@ -18,6 +18,7 @@ from benchmarks import (
     bench_discrete,
     bench_peers,
     bench_per_sample,
+    bench_programs,
     bench_scaling,
     peers,
     problems,
@@ -492,3 +493,29 @@ def test_discrete_with_storchastic():
     # Storchastic's REBAR has a wrong mean on this problem (about 0.27 against 0.1)
     assert theirs.loc["rebar", "verdict"].startswith("WRONG MEAN")
     assert theirs.loc["rebar", "mean"] > 0.2
+
+
+@pytest.mark.parametrize("estimate", ["hand_stochastic_ad", "hand_score_function"])
+def test_hand_written_walks_match_the_exact_derivative(estimate):
+    from gradkit.models import programs
+
+    rows = getattr(bench_programs, estimate)(40.0, 20, 40_000, torch.Generator().manual_seed(0))
+    _, exact = programs.random_walk_exact(40.0, 20)
+    se = rows.std().item() / math.sqrt(rows.shape[0])
+    assert abs(rows.mean().item() - exact) < Z * se
+
+
+def test_programs_walk_compares_every_way_with_ratios():
+    table = bench_programs.compare((4,), runs=300, repeats=1)
+    assert set(table.way) == {
+        "stochastic_ad",
+        "score_function",
+        "hand_stochastic_ad",
+        "hand_score_function",
+    }
+    assert (table.verdict == "ok").all()
+    ways = table.set_index("way")
+    assert ways.loc["score_function", "vs_score_function"] == 1.0
+    assert ways.loc["stochastic_ad", "vs_hand"] == pytest.approx(
+        ways.loc["stochastic_ad", "seconds"] / ways.loc["hand_stochastic_ad", "seconds"]
+    )

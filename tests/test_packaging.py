@@ -56,6 +56,22 @@ def test_readme_discrete_example_runs_here():
     assert all(p.grad is not None for p in namespace["relax"].parameters())
 
 
+def test_readme_programs_example_runs_here():
+    text = (ROOT / "README.md").read_text()
+    section = re.search(
+        r"^### Programs with discrete randomness\n(.*?)(?=^##|\Z)", text, re.M | re.S
+    )
+    assert section, "README.md has no '### Programs with discrete randomness' section"
+    block = re.search(r"^```python\n(.*?)^```", section.group(1), re.M | re.S)
+    assert block, "the section has no ```python block"
+    namespace: dict = {"torch": torch, "gk": gradkit}
+    torch.manual_seed(0)
+    exec(compile(block.group(1), "README.md", "exec"), namespace)
+    rows = namespace["rows"]
+    assert rows.shape == (10_000,)
+    assert abs(rows.mean().item() + 26.48) < 4.5 * rows.std().item() / 100
+
+
 def _run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PIP_NO_INPUT": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, **kwargs)

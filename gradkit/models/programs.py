@@ -19,16 +19,15 @@ autograd:
   :math:`S` and :math:`S+1`). :func:`inventory_exact` runs the Markov chain on the stock
   levels :math:`0..S+1`.
 
-:func:`variance_by_length` and :func:`single_draw_table` are the chapter's studies: the
-per-run variance of the stochastic derivative against the score function (leave-one-out
-baseline) as the walk gets longer, and on programs with a single draw against the
-measure-valued estimator too.
+:func:`variance_by_length`, :func:`single_draw_table` and :func:`inventory_table` are the
+chapter's studies: the per-run variance of the stochastic derivative against the score function
+(leave-one-out baseline) as the walk gets longer, on programs with a single draw against the
+measure-valued estimator too, and on the inventory.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -50,6 +49,7 @@ __all__ = [
     "random_walk",
     "random_walk_exact",
     "single_draw_table",
+    "summary_rows",
     "variance_by_length",
 ]
 
@@ -193,6 +193,49 @@ def inventory_exact(
 # -- the chapter's studies --------------------------------------------------------------------
 
 Program = Callable[[Any], Any]
+#: the estimators of a program compared by the studies: name -> estimates(program, theta, n, g)
+PROGRAM_ESTIMATORS: dict[str, Callable[..., Tensor]] = {
+    "stochastic_ad": lambda prog, theta, n, g: sad.derivative_estimates(
+        prog, theta, n, generator=g
+    ),
+    "stochastic_ad (smooth, biased)": lambda prog, theta, n, g: sad.derivative_estimates(
+        prog, theta, n, strategy="smooth", generator=g
+    ),
+    "score_function (LOO)": lambda prog, theta, n, g: sad.score_function_estimates(
+        prog, theta, n, generator=g
+    ),
+}
+
+
+def summary_rows(
+    name: str, estimates: Tensor, exact: Tensor | float, seconds: float
+) -> list[dict[str, Any]]:
+    """One row per coordinate of ``theta``: mean, standard error, exact value, z-score, per-run
+    variance (from :func:`gradkit.diagnostics.summarize`) and the seconds the estimates took.
+
+    Example:
+        >>> import torch
+        >>> summary_rows("demo", torch.tensor([1.0, 3.0]), 2.0, 0.1)[0]["z"]
+        0.0
+    """
+    rows = estimates.detach().double().cpu().reshape(estimates.shape[0], -1)
+    exact_t = torch.as_tensor(exact, dtype=torch.float64).reshape(-1).expand(rows.shape[1])
+    summary = gk.diagnostics.summarize({"g": rows}, exact={"g": exact_t})["g"]
+    z = summary.z_score
+    assert z is not None
+    return [
+        {
+            "estimator": name,
+            "coordinate": j,
+            "mean": summary.mean[j].item(),
+            "standard_error": summary.standard_error[j].item(),
+            "exact": exact_t[j].item(),
+            "z": z[j].item(),
+            "variance": summary.variance[j].item(),
+            "seconds": seconds,
+        }
+        for j in range(rows.shape[1])
+    ]
 
 
 def estimator_rows(
@@ -203,53 +246,21 @@ def estimator_rows(
     *,
     generator: torch.Generator | None = None,
 ) -> list[dict[str, Any]]:
-    """The stochastic derivative (pruned, smoothed) and the score function (leave-one-out) of
-    one program at one ``theta``: mean, exact value, z-score, per-run variance and seconds.
+    """Every estimator of :data:`PROGRAM_ESTIMATORS` on one program at one ``theta``.
 
-    All three start from the same generator state, so they see the same draws.
+    All start from the same generator state, so they see the same draws.
 
     Returns:
-        one dict per estimator with ``estimator``, ``mean``, ``exact``, ``z``, ``variance``,
-        ``seconds`` (coordinate 0 for ``mean``, ``exact`` and ``z``; ``variance`` summed).
+        the rows of :func:`summary_rows` for each estimator.
     """
     state = None if generator is None else generator.get_state()
-    runs: list[tuple[str, Callable[[torch.Generator | None], Tensor]]] = [
-        (
-            "stochastic_ad",
-            lambda g: sad.derivative_estimates(program, theta, num_samples, generator=g),
-        ),
-        (
-            "stochastic_ad (smooth, biased)",
-            lambda g: sad.derivative_estimates(
-                program, theta, num_samples, strategy="smooth", generator=g
-            ),
-        ),
-        (
-            "score_function (LOO)",
-            lambda g: sad.score_function_estimates(program, theta, num_samples, generator=g),
-        ),
-    ]
-    exact_t = torch.as_tensor(exact, dtype=torch.float64)
     rows = []
-    for name, call in runs:
+    for name, estimates in PROGRAM_ESTIMATORS.items():
         if generator is not None and state is not None:
             generator.set_state(state)
         start = time.perf_counter()
-        est = call(generator).detach().double().cpu()
-        seconds = time.perf_counter() - start
-        flat = est.reshape(num_samples, -1)
-        mean, var = flat.mean(0), flat.var(0)
-        z = (mean - exact_t.reshape(-1)) / (var / num_samples).sqrt().clamp_min(1e-12)
-        rows.append(
-            {
-                "estimator": name,
-                "mean": mean[0].item(),
-                "exact": exact_t.reshape(-1)[0].item(),
-                "z": z[0].item(),
-                "variance": var.sum().item(),
-                "seconds": seconds,
-            }
-        )
+        est = estimates(program, theta, num_samples, generator)
+        rows.extend(summary_rows(name, est, exact, time.perf_counter() - start))
     return rows
 
 
@@ -259,14 +270,15 @@ def variance_by_length(
     *,
     scale: float = 2.0,
     generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
 ) -> Any:
     r"""Per-run variance of the estimators on :func:`random_walk` for each number of steps
-    :math:`n`, at :math:`\theta` = ``scale`` :math:`\\cdot\\, n` (Arya et al. 2022 keep the walk's
-    reach proportional to its length this way).
+    :math:`n`, at :math:`\theta` = ``scale`` :math:`\cdot\, n` (Arya et al. 2022 keep the
+    walk's reach proportional to its length this way).
 
     Returns:
-        a pandas DataFrame, one row per (steps, estimator), with the columns of
-        :func:`estimator_rows`.
+        a pandas DataFrame, one row per (steps, estimator), with ``steps``, ``theta`` and the
+        columns of :func:`summary_rows`.
 
     Example:
         >>> t = variance_by_length([3], num_samples=50)
@@ -279,7 +291,7 @@ def variance_by_length(
     for steps in lengths:
         theta = scale * steps
         _, slope = random_walk_exact(theta, steps)
-        theta_t = torch.tensor(theta, dtype=torch.float64)
+        theta_t = torch.tensor(theta, dtype=torch.float64, device=device)
         program = functools.partial(random_walk, steps=steps)
         for row in estimator_rows(program, theta_t, num_samples, slope, generator=generator):
             rows.append({"steps": steps, "theta": theta, **row})
@@ -349,38 +361,54 @@ def single_draw_table(
     num_samples: int = 10_000,
     *,
     generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
 ) -> Any:
-    """Each single-draw program under the three program estimators and the measure-valued one.
+    """Each single-draw program under the program estimators and the measure-valued one.
 
     The measure-valued estimator (``gk.ESTIMATORS["measure_valued"]``) runs on ``dist(theta)``
-    with the same cost; its per-run variance counts one row per sample (each row costs two
-    evaluations of the cost, the stochastic derivative's one or two).
+    with the same cost (two evaluations per row, against the stochastic derivative's one or
+    two).
 
     Returns:
-        a pandas DataFrame, one row per (program, estimator).
+        a pandas DataFrame, one row per (program, estimator), with ``program`` and the columns
+        of :func:`summary_rows`.
     """
     import pandas as pd
 
     rows: list[dict[str, Any]] = []
     for draw in draws:
-        theta = torch.tensor(draw.theta, dtype=torch.float64)
+        theta = torch.tensor(draw.theta, dtype=torch.float64, device=device)
         found = estimator_rows(draw.program, theta, num_samples, draw.exact, generator=generator)
-        rows.extend({"program": draw.name, **row} for row in found)
-        dist = draw.dist(theta.clone())
         start = time.perf_counter()
-        mvd = gk.ESTIMATORS["measure_valued"](draw.cost, dist, num_samples, generator=generator)
-        seconds = time.perf_counter() - start
-        (est,) = mvd.values()
-        mean, var = est.mean().item(), est.var().item()
-        rows.append(
-            {
-                "program": draw.name,
-                "estimator": "measure_valued",
-                "mean": mean,
-                "exact": draw.exact,
-                "z": (mean - draw.exact) / math.sqrt(max(var, 1e-24) / num_samples),
-                "variance": var,
-                "seconds": seconds,
-            }
+        mvd = gk.ESTIMATORS["measure_valued"](
+            draw.cost, draw.dist(theta.clone()), num_samples, generator=generator
         )
+        (est,) = mvd.values()
+        found += summary_rows("measure_valued", est, draw.exact, time.perf_counter() - start)
+        rows.extend({"program": draw.name, **row} for row in found)
     return pd.DataFrame(rows)
+
+
+def inventory_table(
+    theta: Sequence[float] | Tensor,
+    policy: InventoryPolicy = InventoryPolicy(),
+    num_samples: int = 10_000,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> Any:
+    """The estimators of :data:`PROGRAM_ESTIMATORS` on :func:`inventory_cost`, both
+    coordinates, against :func:`inventory_exact`.
+
+    Returns:
+        a pandas DataFrame with ``parameter`` (``"rate"`` or ``"upper level"``) and the
+        columns of :func:`summary_rows`.
+    """
+    import pandas as pd
+
+    _, grad = inventory_exact(theta, policy)
+    theta_t = torch.as_tensor(theta, dtype=torch.float64).to(device)
+    program = functools.partial(inventory_cost, policy=policy)
+    table = pd.DataFrame(estimator_rows(program, theta_t, num_samples, grad, generator=generator))
+    table.insert(1, "parameter", table.coordinate.map({0: "rate λ", 1: "upper level φ"}))
+    return table.drop(columns="coordinate")
