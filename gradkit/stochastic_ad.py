@@ -62,7 +62,7 @@ The same samplers record each draw's log-probability, so :func:`score_function_e
 gives the score-function estimate of the same program, with a leave-one-out baseline, from
 the same random numbers. For one draw from a torch distribution the estimator is registered
 as ``"stochastic_ad"`` (Bernoulli, Binomial, Geometric, Poisson, Categorical) for
-:func:`gradkit.expectation` and ``gk.ESTIMATORS``.
+:func:`gradkit.autodiff.expectation` and ``gk.ESTIMATORS``.
 """
 
 from __future__ import annotations
@@ -370,6 +370,8 @@ _BLOCKED = {
     "backward": "a reverse-mode gradient",
     "requires_grad_": "a reverse-mode leaf",
     "__setitem__": "an in-place assignment",
+    "__dlpack__": "a tensor outside the runs (torch.as_tensor, torch.tensor)",
+    "__dlpack_device__": "a tensor outside the runs (torch.as_tensor, torch.tensor)",
 }
 
 
@@ -632,7 +634,7 @@ def _current_run(values: Sequence[Any]) -> _Run | None:
 class StochasticTriple:
     r"""A value of a program for one run, holding all runs of one call at once.
 
-    It stands for a tensor of shape :attr:`shape` (what the program sees) and stores, with a
+    It stands for a tensor of shape ``shape`` (what the program sees) and stores, with a
     leading dimension of runs: ``primal`` (a forward-mode dual tensor: the run's value and
     its derivative :math:`\delta`) and ``alt`` (its value in the run's alternative world, or
     ``None`` where the strategy keeps none). ``world`` and ``epoch`` record which alternative
@@ -690,7 +692,10 @@ class StochasticTriple:
 
     def __len__(self) -> int:
         if not self.shape:
-            raise TypeError("len() of a 0-d stochastic triple")
+            raise UnsupportedOperation(
+                "len() of a 0-d stochastic triple (torch.tensor([...]) and torch.as_tensor "
+                "ask for it): build tensors from a program's values with torch.stack([...])"
+            )
         return self.shape[0]
 
     def __iter__(self) -> Iterator[StochasticTriple]:

@@ -332,6 +332,8 @@ def test_python_control_flow_on_a_run_value_is_refused_with_the_fix():
     _refused(lambda t: t * sad.poisson(t).item(), "item would turn")
     _refused(lambda t: t.detach() * 2, "detach would turn")
     _refused(lambda t: sad.poisson(t).numpy(), "numpy would turn")
+    _refused(lambda t: torch.tensor([t, t]).sum(), r"torch\.stack")
+    _refused(lambda t: torch.as_tensor(t) * 2, r"torch\.stack")
 
 
 def test_torch_samplers_inside_a_program_are_refused_with_the_replacement():

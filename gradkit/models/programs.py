@@ -40,12 +40,14 @@ import gradkit as gk
 from gradkit import stochastic_ad as sad
 
 __all__ = [
+    "PROGRAM_ESTIMATORS",
     "SINGLE_DRAWS",
     "InventoryPolicy",
     "SingleDraw",
     "estimator_rows",
     "inventory_cost",
     "inventory_exact",
+    "inventory_table",
     "random_walk",
     "random_walk_exact",
     "single_draw_table",
@@ -193,7 +195,7 @@ def inventory_exact(
 # -- the chapter's studies --------------------------------------------------------------------
 
 Program = Callable[[Any], Any]
-#: the estimators of a program compared by the studies: name -> estimates(program, theta, n, g)
+#: The estimators the studies compare, by name; each maps (program, theta, n, generator) to rows.
 PROGRAM_ESTIMATORS: dict[str, Callable[..., Tensor]] = {
     "stochastic_ad": lambda prog, theta, n, g: sad.derivative_estimates(
         prog, theta, n, generator=g
