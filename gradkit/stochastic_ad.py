@@ -253,11 +253,23 @@ def _check_categorical(probs: Tensor) -> None:
 
 
 def _poisson_icdf(rate: Tensor, u: Tensor) -> Tensor:
-    top = float(rate.max()) if rate.numel() else 0.0
-    count = math.ceil(top + 12.0 * math.sqrt(top) + 20.0)
-    k = torch.arange(count, dtype=rate.dtype, device=rate.device)
-    cdf = torch.special.gammaincc(k + 1.0, rate.unsqueeze(-1))
-    return (cdf < u.unsqueeze(-1)).sum(-1).to(rate.dtype)
+    r"""The inverse CDF on a window of 12 standard deviations (and 20) either side of the rate,
+    in float64: the CDF at the window's start by one ``gammaincc``, then a cumulative sum of
+    the probabilities, each the previous times :math:`\lambda/k` (beyond the window lies less
+    than 1e-30 of the mass)."""
+    lam, v = rate.double(), u.double()
+    spread = 12.0 * lam.sqrt() + 20.0
+    start = (lam - spread).clamp_min(0.0).floor()
+    width = math.ceil(float((lam - start + spread).max())) + 1 if lam.numel() else 1
+    first = torch.exp(_xlogy(start, lam) - lam - torch.lgamma(start + 1.0))
+    steps = torch.arange(1, width, dtype=lam.dtype, device=lam.device)
+    ratios = lam.unsqueeze(-1) / (start.unsqueeze(-1) + steps)  # p(k + 1) / p(k)
+    pmf = first.unsqueeze(-1) * torch.cat([torch.ones_like(ratios[..., :1]), ratios], -1).cumprod(
+        -1
+    )
+    below = torch.where(start > 0, torch.special.gammaincc(start.clamp_min(1.0), lam), 0.0)
+    cdf = below.unsqueeze(-1) + pmf.cumsum(-1)
+    return (start + (cdf < v.unsqueeze(-1)).sum(-1)).to(rate.dtype)
 
 
 def _binomial_cdf(n: Tensor, p: Tensor, k: Tensor) -> Tensor:
@@ -267,8 +279,8 @@ def _binomial_cdf(n: Tensor, p: Tensor, k: Tensor) -> Tensor:
 
 
 def _binomial_icdf(n: Tensor, p: Tensor, u: Tensor) -> Tensor:
-    cdf = _binomial_table(n, p).cumsum(-1)
-    below = (cdf < u.unsqueeze(-1)).sum(-1).to(p.dtype)
+    cdf = _binomial_table(n.double(), p.double()).cumsum(-1)
+    below = (cdf < u.double().unsqueeze(-1)).sum(-1).to(p.dtype)
     return torch.minimum(below, n)
 
 
@@ -519,8 +531,9 @@ class _Run:
                 )
             return StochasticTriple(fwAD.make_dual(x, up - down), None, self)
         family.check(*alt)
-        x_alt = family.icdf(*alt, u)
-        return StochasticTriple(x, self._prune(x, x_alt, up, down), self)
+        return StochasticTriple(
+            x, self._prune(x, self._coupled(family, alt, primal, x, u), up, down), self
+        )
 
     def _parameters(
         self, family: _Family, values: Sequence[Any]
@@ -545,6 +558,22 @@ class _Run:
             primal = list(torch.broadcast_tensors(*[_lift(p, ndim) for p in primal]))
             alt = list(torch.broadcast_tensors(*[_lift(a, ndim) for a in alt]))
         return primal, alt
+
+    def _coupled(
+        self, family: _Family, alt: list[Tensor], primal: list[Tensor], x: Tensor, u: Tensor
+    ) -> Tensor:
+        """The draw in the alternative worlds, from the same uniforms; recomputed only in the
+        runs whose alternative parameters differ from the primal ones."""
+        plain = [_plain(p) for p in primal]
+        differs = torch.zeros(self.rows, dtype=torch.bool, device=self.device)
+        for a, p in zip(alt, plain, strict=True):
+            differs |= (a != p).reshape(self.rows, -1).any(1)
+        if not bool(differs.any()):
+            return x
+        rows = differs.nonzero().squeeze(1)
+        out = x.clone()
+        out[rows] = family.icdf(*[a[rows] for a in alt], u[rows])
+        return out
 
     def _prune(self, x: Tensor, x_alt: Tensor, up: Tensor, down: Tensor) -> Tensor:
         """The draw's value in the run's alternative world, after offering its own jumps."""
