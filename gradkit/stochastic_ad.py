@@ -176,19 +176,54 @@ class _Family:
     check: Callable[..., None]
     integer: bool = False  # the draw is an index (long), not a count
     discrete: tuple[int, ...] = ()  # parameters without a derivative (a number of trials)
+    #: the values an up and a down jump reach from ``x`` (default ``x + 1`` and ``x - 1``)
+    neighbours: Callable[..., tuple[Tensor, Tensor]] | None = None
+
+    def targets(self, params: Sequence[Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
+        """Where the up and the down jump from ``x`` land."""
+        if self.neighbours is not None:
+            return self.neighbours(*params, x)
+        return x + 1, x - 1
 
     def rates(self, params: Sequence[Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
         """Jump weights ``(up, down)`` at ``x`` from the tangents of the CDF (forward mode)."""
         plain = [fwAD.unpack_dual(p).primal for p in params]
-        xf = x.to(plain[-1].dtype)
-        pmf = self.log_prob(*plain, xf).exp()
-        tiny = torch.finfo(pmf.dtype).tiny
-        up = _tangent(self.cdf(*params, xf)).neg().clamp_min(0.0) / pmf.clamp_min(tiny)
-        down = _tangent(self.cdf(*params, xf - 1.0)).clamp_min(0.0) / pmf.clamp_min(tiny)
-        top = self.upper(*plain)
-        if top is not None:
-            up = torch.where(xf < top, up, torch.zeros_like(up))
-        down = torch.where(xf > 0, down, torch.zeros_like(down))
+        slope_at = _tangent(self.cdf(*params, x.to(plain[-1].dtype)))
+        slope_below = _tangent(self.cdf(*params, x.to(plain[-1].dtype) - 1.0))
+        return self.weights(plain, x, slope_at, slope_below)
+
+    def weights(
+        self, params: Sequence[Tensor], x: Tensor, slope_at: Tensor, slope_below: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        r"""Signed jump weights from the CDF's derivatives at ``x`` and below it.
+
+        The boundary above ``x`` moving down sends mass up, weight
+        :math:`-\partial F(x)/p(x) > 0` (the right-derivative coupling); moving up it takes
+        mass from the category above, counted when that category is drawn. Only where the
+        category on the other side has probability 0 (a parameter at the edge of its range,
+        such as :math:`p = 1`, where the right derivative does not exist and the derivative is
+        the one from inside) is the movement counted here, with a negative weight. Likewise for
+        the boundary below. ``slope_*`` may be per-sample gradients (the registered
+        estimator) or forward tangents (programs); the weights broadcast like them.
+        """
+        xf = x.to(params[-1].dtype)
+        above, below = self.targets(params, xf)
+        tiny = torch.finfo(xf.dtype).tiny
+        extra = slope_at.dim() - xf.dim()  # a categorical's table of parameters
+
+        def per_element(t: Tensor) -> Tensor:
+            return t.reshape(*t.shape, *([1] * extra))
+
+        pmf = per_element(self.log_prob(*params, xf).exp().clamp_min(tiny))
+        top = self.upper(*params)
+        has_above = above != xf if top is None else (above != xf) & (above <= top)
+        has_below = (below != xf) & (below >= 0)
+        empty_above = per_element(has_above & (self.log_prob(*params, above).exp() == 0))
+        empty_below = per_element(has_below & (self.log_prob(*params, below).exp() == 0))
+        up = -slope_at / pmf
+        down = slope_below / pmf
+        up = torch.where(per_element(has_above) & ((up > 0) | empty_above), up, 0.0)
+        down = torch.where(per_element(has_below) & ((down > 0) | empty_below), down, 0.0)
         return up, down
 
 
@@ -241,15 +276,21 @@ def _check_poisson(rate: Tensor) -> None:
 
 def _check_categorical(probs: Tensor) -> None:
     _check_unit("categorical(probs)", probs)
-    total = probs.sum(-1)
-    tol = 1e-5 if probs.dtype == torch.float64 else 1e-4
-    if bool(((total - 1.0).abs() > tol * probs.shape[-1]).any()):
-        raise _range_error(
-            "categorical(probs)",
-            "probabilities that sum to 1 over the last dimension",
-            total,
-            "normalise them (torch.softmax(logits, -1) or probs / probs.sum(-1, keepdim=True))",
+    if bool((probs.sum(-1) <= 0).any()):
+        raise ValueError(
+            "categorical(probs) needs some positive probability in every table; got a table of "
+            "zeros"
         )
+
+
+def _geometric_cdf(p: Tensor, k: Tensor) -> Tensor:
+    """:math:`1 - (1-p)^{k+1}`: through ``expm1`` for small ``p`` (precision), as a power near
+    ``p = 1`` (where the logarithm's derivative would be infinite); each branch sees a safe
+    ``p`` so that neither autodiff mode meets 0 times infinity."""
+    small = p < 0.5
+    low = -torch.expm1((k + 1.0) * torch.log1p(-torch.where(small, p, 0.25)))
+    high = 1.0 - torch.pow(1.0 - torch.where(small, 0.75, p), k + 1.0)
+    return torch.where(small, low, high)
 
 
 def _poisson_icdf(rate: Tensor, u: Tensor) -> Tensor:
@@ -272,16 +313,81 @@ def _poisson_icdf(rate: Tensor, u: Tensor) -> Tensor:
     return (start + (cdf < v.unsqueeze(-1)).sum(-1)).to(rate.dtype)
 
 
+def _binomial_pmf(n: Tensor, p: Tensor, k: Tensor) -> Tensor:
+    """Binomial(n, p) probabilities at ``k`` (0 outside ``0..n``), exact at ``p`` = 0 and 1."""
+    inside = (k >= 0) & (k <= n)
+    kk, rest = k.clamp(min=0.0), (n - k).clamp(min=0.0)
+    log_pmf = (
+        torch.lgamma(n + 1.0)
+        - torch.lgamma(kk + 1.0)
+        - torch.lgamma(rest + 1.0)
+        + _xlogy(kk, p)
+        + _xlogy(rest, 1.0 - p)
+    )
+    return torch.where(inside, log_pmf.exp(), 0.0)
+
+
+class _BinomialCDF(torch.autograd.Function):
+    r""":math:`F_{n,p}(k)` with :math:`\partial_p F = -n\,p_{n-1,p}(k)` in both autodiff modes
+    (the sum of log-space probabilities would meet :math:`0 \cdot \infty` at ``p`` = 0 or 1)."""
+
+    @staticmethod
+    def forward(n: Tensor, p: Tensor, k: Tensor) -> Tensor:
+        table = _binomial_table(n, p)
+        j = torch.arange(table.shape[-1], dtype=p.dtype, device=p.device)
+        return (table * (j <= k.unsqueeze(-1))).sum(-1)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor, Tensor], output: Tensor) -> None:
+        n, p, k = inputs
+        slope = -n * _binomial_pmf(n - 1.0, p, k)
+        ctx.save_for_backward(slope)
+        ctx.save_for_forward(slope)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor, None]:
+        (slope,) = ctx.saved_tensors
+        return None, grad * slope, None
+
+    @staticmethod
+    def jvp(ctx: Any, n_tangent: Any, p_tangent: Tensor, k_tangent: Any) -> Tensor:
+        (slope,) = ctx.saved_tensors
+        return p_tangent * slope
+
+
 def _binomial_cdf(n: Tensor, p: Tensor, k: Tensor) -> Tensor:
-    table = _binomial_table(n, p)
-    j = torch.arange(table.shape[-1], dtype=p.dtype, device=p.device)
-    return _below_zero(k, (table * (j <= k.unsqueeze(-1))).sum(-1))
+    n, p, k = torch.broadcast_tensors(n, p, k)
+    return _below_zero(k, _BinomialCDF.apply(n, p, k))
 
 
 def _binomial_icdf(n: Tensor, p: Tensor, u: Tensor) -> Tensor:
     cdf = _binomial_table(n.double(), p.double()).cumsum(-1)
     below = (cdf < u.double().unsqueeze(-1)).sum(-1).to(p.dtype)
     return torch.minimum(below, n)
+
+
+def _categorical_neighbours(probs: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    """The nearest categories above and below ``x`` with positive probability (``x`` itself
+    where there is none): an empty category has an empty interval, so a jump passes it."""
+    index = torch.arange(probs.shape[-1], device=x.device)
+    xi = x.long().unsqueeze(-1)
+    positive = probs > 0
+    above = torch.where(positive & (index > xi), index, probs.shape[-1]).amin(-1)
+    below = torch.where(positive & (index < xi), index, -1).amax(-1)
+    above = torch.where(above < probs.shape[-1], above, x.long())
+    below = torch.where(below >= 0, below, x.long())
+    return above.to(x.dtype), below.to(x.dtype)
+
+
+def _check_empty_categories(probs: Tensor, moves: Tensor, where: str) -> None:
+    r"""Refuse a category of probability 0 whose probability moves: its jump has weight
+    :math:`\partial p / p` with nothing to sample it from."""
+    if bool(((probs == 0) & (moves != 0)).any()):
+        raise ValueError(
+            f"{where}: a category has probability 0 while its probability changes with the "
+            "parameters, so the jumps into it cannot be sampled; give every category a positive "
+            "probability (e.g. torch.softmax of logits) or use the score function"
+        )
 
 
 def _categorical_icdf(probs: Tensor, u: Tensor) -> Tensor:
@@ -305,13 +411,7 @@ _BINOMIAL = _Family(
     ("total_count", "probs"),
     cdf=_binomial_cdf,
     icdf=_binomial_icdf,
-    log_prob=lambda n, p, k: (
-        torch.lgamma(n + 1.0)
-        - torch.lgamma(k + 1.0)
-        - torch.lgamma(n - k + 1.0)
-        + _xlogy(k, p)
-        + _xlogy(n - k, 1.0 - p)
-    ),
+    log_prob=lambda n, p, k: torch.log(_binomial_pmf(n, p, k)),
     upper=lambda n, p: n,
     check=_check_binomial,
     discrete=(0,),
@@ -320,7 +420,7 @@ _GEOMETRIC = _Family(
     "geometric",
     Geometric,
     ("probs",),
-    cdf=lambda p, k: _below_zero(k, -torch.expm1((k + 1.0) * torch.log1p(-p))),
+    cdf=lambda p, k: _below_zero(k, _geometric_cdf(p, k)),
     icdf=lambda p, u: (torch.ceil(torch.log1p(-u) / torch.log1p(-p)) - 1.0).clamp_min(0.0),
     log_prob=lambda p, k: _xlogy(k, 1.0 - p) + torch.log(p),
     upper=lambda p: None,
@@ -348,6 +448,7 @@ _CATEGORICAL = _Family(
     ),
     check=_check_categorical,
     integer=True,
+    neighbours=_categorical_neighbours,
 )
 FAMILIES = (_BERNOULLI, _BINOMIAL, _GEOMETRIC, _POISSON, _CATEGORICAL)
 
@@ -472,6 +573,7 @@ class _Run:
         self.pruner = torch.Generator(device=theta.device).manual_seed(seed)
         self.world = torch.zeros(self.rows, dtype=torch.long, device=self.device)
         self.weight = torch.zeros(self.rows, dtype=self.dtype, device=self.device)
+        self.sign = torch.ones(self.rows, dtype=self.dtype, device=self.device)
         self.logp = torch.zeros(self.rows, dtype=self.dtype, device=self.device)
         self.epoch = 0
         self.next_world = 1
@@ -504,17 +606,31 @@ class _Run:
     def alternative(self, t: StochasticTriple) -> Tensor:
         """``t`` in the run's current alternative world (its primal where that world began
         after ``t`` was made)."""
-        primal = _plain(t.primal)
-        if t.alt is None:
+        primal = _plain(t._primal)
+        if t._alt is None:
             return primal
-        if t.epoch == self.epoch:
-            return t.alt
-        valid = (t.world == self.world).reshape(self.rows, *([1] * (primal.dim() - 1)))
-        return torch.where(valid, t.alt, primal)
+        if t._epoch == self.epoch:
+            return t._alt
+        valid = (t._world == self.world).reshape(self.rows, *([1] * (primal.dim() - 1)))
+        return torch.where(valid, t._alt, primal)
 
     def draw(self, family: _Family, values: Sequence[Any]) -> StochasticTriple:
         primal, alt = self._parameters(family, values)
+        if family.integer:
+            if primal[0].dim() < 2:
+                raise ValueError(
+                    "categorical(probs) needs a last dimension of categories, got one number per "
+                    "run; pass a table, e.g. torch.stack([p, 1 - p])"
+                )
         family.check(*[_plain(p) for p in primal])
+        if family.integer:
+            primal[0] = primal[0] / primal[0].sum(-1, keepdim=True)  # as torch's Categorical
+            if self.prunes:
+                family.check(*alt)
+                alt[0] = alt[0] / alt[0].sum(-1, keepdim=True)
+        trials = self._trials(family, primal)
+        if family.integer:
+            _check_empty_categories(_plain(primal[0]), _tangent(primal[0]), "categorical(probs)")
         shape = primal[-1].shape[1:-1] if family.integer else primal[-1].shape[1:]
         u = self.uniform(shape)
         x = family.icdf(*[_plain(p) for p in primal], u)
@@ -529,19 +645,40 @@ class _Run:
                     f"strategy='smooth' cannot carry a {family.name} draw: an index has no "
                     "derivative to smooth into; use strategy='prune' (the default)"
                 )
-            return StochasticTriple(fwAD.make_dual(x, up - down), None, self)
+            smoothed = up - down
+            if trials is not None:  # each extra trial succeeds with probability p
+                smoothed = smoothed + trials * _plain(primal[-1])
+            return StochasticTriple(fwAD.make_dual(x, smoothed), None, self)
         family.check(*alt)
-        return StochasticTriple(
-            x, self._prune(x, self._coupled(family, alt, primal, x, u), up, down), self
-        )
+        targets = family.targets([_plain(p) for p in primal], x)
+        x_alt = self._coupled(family, alt, primal, x, u)
+        return StochasticTriple(x, self._prune(x, x_alt, up, down, targets), self)
+
+    def _trials(self, family: _Family, primal: list[Tensor]) -> Tensor | None:
+        """Strip the derivative of a number of trials (in place); return it where the smoothed
+        strategy uses it, refuse it where a count cannot move continuously."""
+        moved = None
+        for i in family.discrete:
+            moves = _tangent(primal[i])
+            primal[i] = _plain(primal[i])
+            if not bool((moves != 0).any()):
+                continue
+            if self.mode != "smooth":
+                raise UnsupportedOperation(
+                    f"{family.name}: its number of trials changes continuously with theta, and a "
+                    "count has no derivative; make the number of trials a draw (it may depend on "
+                    "theta through its distribution) or a constant"
+                )
+            moved = moves
+        return moved
 
     def _parameters(
         self, family: _Family, values: Sequence[Any]
     ) -> tuple[list[Tensor], list[Tensor]]:
         primal, alt = [], []
-        for i, v in enumerate(values):
+        for v in values:
             if isinstance(v, StochasticTriple):
-                p, a = v.primal, self.alternative(v) if self.prunes else None
+                p, a = v._primal, self.alternative(v) if self.prunes else None
             else:
                 t = torch.as_tensor(v, device=self.device)
                 t = t.to(self.dtype) if not t.is_floating_point() else t
@@ -549,8 +686,6 @@ class _Run:
                 a = p
             if not p.is_floating_point():
                 p = p.to(self.dtype)
-            if i in family.discrete:
-                p = _plain(p)
             primal.append(p)
             alt.append(p if a is None else a.to(p.dtype))
         if len(primal) > 1:
@@ -575,10 +710,14 @@ class _Run:
         out[rows] = family.icdf(*[a[rows] for a in alt], u[rows])
         return out
 
-    def _prune(self, x: Tensor, x_alt: Tensor, up: Tensor, down: Tensor) -> Tensor:
-        """The draw's value in the run's alternative world, after offering its own jumps."""
+    def _prune(
+        self, x: Tensor, x_alt: Tensor, up: Tensor, down: Tensor, targets: tuple[Tensor, Tensor]
+    ) -> Tensor:
+        """The draw's value in the run's alternative world, after offering its own jumps (to
+        ``targets``, the values an up and a down jump reach)."""
         rows = self.rows
-        rates = torch.cat([up.reshape(rows, -1), down.reshape(rows, -1)], 1)
+        signed = torch.cat([up.reshape(rows, -1), down.reshape(rows, -1)], 1)
+        rates = signed.abs()
         mass = rates.sum(1)
         if not bool((mass > 0).any()):
             return x_alt
@@ -587,9 +726,11 @@ class _Run:
         pick = (rates.cumsum(1) < ((1.0 - u[0]) * mass).unsqueeze(1)).sum(1)
         pick = pick.clamp(max=2 * count - 1)
         take = u[1] * (self.weight + mass) < mass
-        step = torch.where(pick < count, 1.0, -1.0).to(x.dtype)
+        chosen = torch.sign(signed.gather(1, pick.unsqueeze(1)).squeeze(1))
+        self.sign = torch.where(take, chosen, self.sign)
+        reach = torch.cat([t.reshape(rows, -1) for t in targets], 1).to(x.dtype)
         flat = x.reshape(rows, -1)
-        jumped = flat.scatter_add(1, (pick % count).unsqueeze(1), step.unsqueeze(1))
+        jumped = flat.scatter(1, (pick % count).unsqueeze(1), reach.gather(1, pick.unsqueeze(1)))
         alt = torch.where(_lift(take, x.dim()), jumped.reshape(x.shape), x_alt)
         self.weight = self.weight + mass
         self.world = torch.where(take, self.next_world, self.world)
@@ -600,10 +741,11 @@ class _Run:
     def estimates(self, out: Any) -> Tensor:
         """Per-row derivative estimates of the program's output."""
         value = self._output(out)
-        primal = _plain(value.primal).to(self.dtype)
-        est = _tangent(value.primal).to(self.dtype)
+        primal = _plain(value._primal).to(self.dtype)
+        est = _tangent(value._primal).to(self.dtype)
         if self.prunes:
-            est = est + self.weight * (self.alternative(value).to(self.dtype) - primal)
+            change = self.alternative(value).to(self.dtype) - primal
+            est = est + self.sign * self.weight * change
         return est
 
     def _output(self, out: Any) -> StochasticTriple:
@@ -617,7 +759,7 @@ class _Run:
                 f"from theta), got {type(out).__name__}"
                 + (f" of shape {tuple(out.shape)}" if isinstance(out, Tensor) else "")
             )
-        if out.run is not self:
+        if out._run is not self:
             raise UnsupportedOperation(
                 "the program returned a value of another derivative_estimates call"
             )
@@ -642,7 +784,7 @@ _RUNS: list[_Run] = []
 
 
 def _current_run(values: Sequence[Any]) -> _Run | None:
-    runs = {id(v.run): v.run for v in values if isinstance(v, StochasticTriple)}
+    runs = {id(v._run): v._run for v in values if isinstance(v, StochasticTriple)}
     for run in runs.values():
         if not run.live:
             raise UnsupportedOperation(
@@ -663,22 +805,23 @@ def _current_run(values: Sequence[Any]) -> _Run | None:
 class StochasticTriple:
     r"""A value of a program for one run, holding all runs of one call at once.
 
-    It stands for a tensor of shape ``shape`` (what the program sees) and stores, with a
-    leading dimension of runs: ``primal`` (a forward-mode dual tensor: the run's value and
-    its derivative :math:`\delta`) and ``alt`` (its value in the run's alternative world, or
-    ``None`` where the strategy keeps none). ``world`` and ``epoch`` record which alternative
-    world ``alt`` belongs to. Every torch function and tensor method applied to it is applied
-    run by run (the semantics of :func:`torch.func.vmap`) to both worlds.
+    It stands for a tensor of shape ``shape`` (what the program sees) and stores privately,
+    with a leading dimension of runs, the primal values (a forward-mode dual tensor: each run's
+    value and its derivative :math:`\delta`) and the values in each run's alternative world,
+    with a record of which world they belong to. Every torch function and tensor method
+    applied to it is applied run by run (the semantics of :func:`torch.func.vmap`) to both
+    worlds. The program must compute from the ``theta`` it is given: a tensor captured from
+    outside carries no derivative.
     """
 
-    __slots__ = ("alt", "epoch", "primal", "run", "world")
+    __slots__ = ("_alt", "_epoch", "_primal", "_run", "_world")
 
     def __init__(self, primal: Tensor, alt: Tensor | None, run: _Run) -> None:
-        self.primal = primal
-        self.alt = alt
-        self.run = run
-        self.world = run.world
-        self.epoch = run.epoch
+        self._primal = primal
+        self._alt = alt
+        self._run = run
+        self._world = run.world
+        self._epoch = run.epoch
 
     @classmethod
     def __torch_function__(
@@ -690,19 +833,19 @@ class StochasticTriple:
 
     @property
     def shape(self) -> torch.Size:
-        return torch.Size(self.primal.shape[1:])
+        return torch.Size(self._primal.shape[1:])
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.primal.dtype
+        return self._primal.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.primal.device
+        return self._primal.device
 
     @property
     def ndim(self) -> int:
-        return self.primal.dim() - 1
+        return self._primal.dim() - 1
 
     def dim(self) -> int:
         return self.ndim
@@ -717,7 +860,7 @@ class StochasticTriple:
     nelement = numel
 
     def is_floating_point(self) -> bool:
-        return self.primal.is_floating_point()
+        return self._primal.is_floating_point()
 
     def __len__(self) -> int:
         if not self.shape:
@@ -750,6 +893,10 @@ class StochasticTriple:
     def __complex__(self) -> complex:
         raise _control_flow("complex()")
 
+    def __round__(self, ndigits: int | None = None) -> StochasticTriple:
+        kwargs = {} if ndigits is None else {"decimals": ndigits}
+        return _apply(torch.round, (self,), kwargs)
+
     __hash__ = object.__hash__
 
     def __getattr__(self, name: str) -> Any:
@@ -765,7 +912,7 @@ class StochasticTriple:
     def __repr__(self) -> str:
         return (
             f"StochasticTriple(shape={tuple(self.shape)}, dtype={self.dtype}, "
-            f"runs={self.primal.shape[0]})"
+            f"runs={self._primal.shape[0]})"
         )
 
 
@@ -828,10 +975,13 @@ def _apply(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     run = _current_run([leaves[i] for i in slots])
     assert run is not None
     triples: list[StochasticTriple] = [leaves[i] for i in slots]
-    worlds = [[t.primal for t in triples]]
+    worlds = [[t._primal for t in triples]]
     if run.prunes:
         worlds.append([run.alternative(t) for t in triples])
-    if func in _ELEMENTWISE and not (func is torch.where and len(args) == 1):
+    dtypes = {t.dtype for t in triples} | {x.dtype for x in leaves if isinstance(x, Tensor)}
+    if func in _ELEMENTWISE and len(dtypes) == 1 and not (func is torch.where and len(args) == 1):
+        # one dtype: broadcasting the rows promotes as torch would (a 0-d tensor of another
+        # dtype would promote differently once it has a dimension of runs)
         outs = [_broadcast(func, leaves, spec, slots, triples, world) for world in worlds]
     else:
         outs = _mapped(func, leaves, spec, slots, worlds, run.rows)
@@ -961,8 +1111,13 @@ def categorical(probs: Any) -> Any:
     Categories are ordered by index and drawn by inversion: the boundary
     :math:`F(k) = \sum_{j\le k} p_j` moving down sends :math:`k \to k+1` with weight
     :math:`-\partial F(k)/p_k`, the boundary below moving up sends :math:`k \to k-1` with weight
-    :math:`\partial F(k-1)/p_k` (both can happen; pruning picks one). Use the index to look up
-    a table, ``table[index]``.
+    :math:`\partial F(k-1)/p_k` (both can happen; pruning picks one). A jump passes over
+    categories of probability 0 that stay at 0; one whose probability moves is refused (its
+    jumps could not be sampled). ``probs`` are normalised over the last dimension, as
+    ``torch.distributions.Categorical`` does. A category of tiny positive probability between
+    others makes the variance enormous: the coupling moves mass through it, and its own jumps,
+    of weight :math:`\propto 1/p`, are seldom drawn; order the categories so that neighbours
+    are alike, or use the score function. Use the index to look up a table, ``table[index]``.
     """
     return _draw(_CATEGORICAL, (probs,))
 
@@ -974,6 +1129,11 @@ def _start(
     program: Any, theta: Any, num_samples: Any, generator: Any, mode: str, minimum: int = 1
 ) -> tuple[_Run, Tensor]:
     """Check the arguments and make the call's state."""
+    if _RUNS:
+        raise UnsupportedOperation(
+            "derivative_estimates, score_function_estimates and program_values cannot run "
+            "inside a program; call them from ordinary code"
+        )
     if not callable(program):
         raise TypeError(
             f"program must be callable (theta -> one scalar per run), got {type(program).__name__}"
@@ -988,6 +1148,8 @@ def _start(
             f"theta must be a floating-point torch.Tensor, got {got}; pass e.g. "
             "torch.tensor(0.3) or torch.tensor([0.3, 2.0])"
         )
+    if theta.numel() == 0:
+        raise ValueError("theta has no elements; pass at least one parameter")
     why = "the leave-one-out baseline needs another run" if minimum > 1 else ""
     _checks.check_num_samples(num_samples, minimum, why)
     if generator is not None and not isinstance(generator, torch.Generator):
@@ -1088,9 +1250,9 @@ def score_function_estimates(
     run, theta = _start(program, theta, num_samples, generator, "score", minimum)
     with fwAD.dual_level():
         out = run._output(_execute(run, program, theta))
-        direct = _tangent(out.primal).to(run.dtype).reshape(num_samples, -1)
+        direct = _tangent(out._primal).to(run.dtype).reshape(num_samples, -1)
         score = _tangent(run.logp).reshape(num_samples, -1)
-        value = _plain(out.primal).to(run.dtype).reshape(num_samples, -1)[:, 0]
+        value = _plain(out._primal).to(run.dtype).reshape(num_samples, -1)[:, 0]
     if baseline == "leave_one_out":
         value = value - (value.sum() - value) / (num_samples - 1)
     est = direct + value.unsqueeze(1) * score
@@ -1121,7 +1283,7 @@ def program_values(
     run, theta = _start(program, theta, num_samples, generator, "score", minimum=1)
     with fwAD.dual_level():
         out = run._output(_execute(run, program, theta))
-        value = _plain(out.primal).to(run.dtype)
+        value = _plain(out._primal).to(run.dtype)
     return value.reshape(num_samples, -1)[:, 0].clone()
 
 
@@ -1166,29 +1328,32 @@ class StochasticDerivative(Estimator):
         inner = batch[len(problem.plate_shape) :]
         with torch.no_grad():
             params = _family_parameters(family, problem.dist)
-            pmf = family.log_prob(*params, xf).exp().clamp_min(torch.finfo(xf.dtype).tiny)
+            reach = family.targets(params, xf)
             top = family.upper(*params)
+        if family.integer and "probs" in problem.names:
+            # torch normalises probs: an empty category's own entry moves its probability
+            _check_empty_categories(params[0], torch.ones_like(params[0]), "stochastic_ad")
         at = problem.per_sample_gradients(lambda d: family.cdf(*_family_parameters(family, d), xf))
         below = problem.per_sample_gradients(
             lambda d: family.cdf(*_family_parameters(family, d), xf - 1.0)
         )
         extra = 1 if family.integer else 0  # a categorical's probability table
-        scale = pmf.reshape(*pmf.shape, *([1] * extra))
-        up = {n: (-g).clamp_min(0.0) / scale for n, g in at.items()}
-        down = {n: g.clamp_min(0.0) / scale for n, g in below.items()}
-        moves = [(w, s) for w, s in ((up, 1), (down, -1)) if any(bool(v.any()) for v in w.values())]
+        up, down = {}, {}
+        for n in at:
+            up[n], down[n] = family.weights(params, xf, at[n], below[n])
+        moves = [
+            (w, t)
+            for w, t in zip((up, down), reach, strict=True)
+            if any(bool(v.any()) for v in w.values())
+        ]
         rows = {n: torch.zeros_like(g) for n, g in at.items()}
         if not moves:
             return rows
-        values = []
-        for _, step in moves:
-            moved = x + step
-            moved = (
-                moved.clamp_min(0)
-                if top is None
-                else torch.minimum(moved.clamp_min(0), top.to(x.dtype))
-            )
-            values.append(moved)
+        # where a jump cannot happen its weight is 0; keep its value in the support
+        values = [
+            torch.where((t < 0) | (t > top if top is not None else False), xf, t).to(x.dtype)
+            for _, t in moves
+        ]
         with torch.no_grad():
             costs = _perturbed_costs(problem, x, torch.stack(values, -1), inner, (len(moves),), ())
         plate_ndim = len(problem.plate_shape)

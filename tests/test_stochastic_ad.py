@@ -296,7 +296,7 @@ def test_samplers_outside_a_program_give_ordinary_samples():
         (sad.binomial, (2.5, 0.3), r"whole number of trials"),
         (sad.geometric, (0.0,), r"geometric\(p\) needs probabilities in \(0, 1\]"),
         (sad.poisson, (-1.0,), r"poisson\(rate\) needs finite rates >= 0"),
-        (sad.categorical, (torch.tensor([0.5, 0.9]),), "sum to 1"),
+        (sad.categorical, (torch.tensor([0.0, 0.0]),), "table of zeros"),
         (sad.categorical, (torch.tensor([-0.5, 1.5]),), r"needs probabilities in \[0, 1\]"),
     ],
 )
@@ -482,3 +482,122 @@ def test_single_draw_table_and_variance_by_length_are_unbiased():
     walk = programs.variance_by_length([5, 10], num_samples=4000, generator=_g(19))
     assert (walk[walk.estimator == "stochastic_ad"].z.abs() < 4.5).all()
     assert math.isclose(walk.theta.iloc[0], 10.0)
+
+
+# -- edges: empty categories, parameters at the end of their range, numbers of trials ----------
+
+
+def test_a_jump_passes_over_an_empty_category():
+    table = torch.tensor([0.0, 10.0, 1.0], dtype=torch.float64)
+    rows = sad.derivative_estimates(
+        lambda t: table[sad.categorical(torch.stack([t, 0 * t, 1 - t]))],
+        torch.tensor(0.4, dtype=torch.float64),
+        N,
+        generator=_g(20),
+    )
+    assert_unbiased(rows, -1.0)  # d/dt (0 t + 1 (1 - t))
+
+
+def test_an_empty_category_whose_probability_moves_is_refused():
+    with pytest.raises(ValueError, match="probability 0 while its probability changes"):
+        sad.derivative_estimates(
+            lambda t: sad.categorical(torch.stack([t, t - 0.4, 1.4 - 2 * t])).double(),
+            torch.tensor(0.4, dtype=torch.float64),
+            3,
+        )
+    with pytest.raises(ValueError, match="probability 0 while its probability changes"):
+        gk.ESTIMATORS["stochastic_ad"](
+            lambda x: x.double(), torch.distributions.Categorical(torch.tensor([0.4, 0.0, 0.6])), 3
+        )
+
+
+def test_categorical_probabilities_are_normalised_as_torch_does():
+    # E[index] = 0.7 / (t + 0.7): d/dt = -0.7 / (t + 0.7)^2 = -0.7 at t = 0.3
+    rows = sad.derivative_estimates(
+        lambda t: sad.categorical(torch.stack([t, 0.7 + 0 * t])).double(),
+        torch.tensor(0.3, dtype=torch.float64),
+        N,
+        generator=_g(21),
+    )
+    assert_unbiased(rows, -0.7)
+
+
+EDGES = {
+    # parameter at the end of its range: the derivative from inside
+    "bernoulli-at-1": (lambda t: 3 * sad.bernoulli(t.clamp(0, 1)) + 1, 1.0, 3.0),
+    "bernoulli-at-0": (lambda t: 3 * sad.bernoulli(t.clamp(0, 1)) + 1, 0.0, 3.0),
+    "geometric-at-1": (lambda t: sad.geometric(t), 1.0, -1.0),
+    "binomial-at-1": (lambda t: sad.binomial(5, t) ** 2, 1.0, 5 - 10 + 50),
+    "binomial-at-0": (lambda t: sad.binomial(5, t) ** 2, 0.0, 5.0),
+    "poisson-at-0": (lambda t: sad.poisson(t) ** 2, 0.0, 1.0),
+}
+
+
+@pytest.mark.parametrize("strategy", ["prune", "smooth"])
+@pytest.mark.parametrize("name", sorted(EDGES))
+def test_parameters_at_the_end_of_their_range(name, strategy):
+    program, theta, exact = EDGES[name]
+    if strategy == "smooth" and name.startswith("binomial"):
+        exact = {"binomial-at-1": 50.0, "binomial-at-0": 0.0}[name]  # linearised: 2 E[x] dx
+    if strategy == "smooth" and name == "poisson-at-0":
+        exact = 0.0
+    rows = sad.derivative_estimates(
+        program, torch.tensor(theta, dtype=torch.float64), 2000, strategy=strategy, generator=_g(22)
+    )
+    assert torch.isfinite(rows).all()
+    assert_unbiased(rows, exact, atol=1e-9)
+
+
+def test_registered_estimator_at_the_end_of_the_range():
+    rows = gk.ESTIMATORS["stochastic_ad"](
+        lambda x: 3 * x + 1, torch.distributions.Bernoulli(torch.tensor(1.0)), 100
+    )
+    torch.testing.assert_close(rows["probs"], torch.full((100,), 3.0))
+    rows = gk.ESTIMATORS["stochastic_ad"](
+        lambda x: x, torch.distributions.Geometric(torch.tensor(1.0)), 100
+    )
+    torch.testing.assert_close(rows["probs"], torch.full((100,), -1.0))
+
+
+def test_numbers_of_trials_that_move_continuously_are_refused_and_smoothed():
+    with pytest.raises(sad.UnsupportedOperation, match="number of trials changes continuously"):
+        sad.derivative_estimates(lambda t: sad.binomial(10 * t, 0.5), torch.tensor(1.0), 3)
+    # smoothing carries the trials' derivative: E = 3 t / 2 is linear in the draws
+    rows = sad.derivative_estimates(
+        lambda t: sad.binomial(sad.poisson(3 * t), 0.5),
+        torch.tensor(1.0, dtype=torch.float64),
+        N,
+        strategy="smooth",
+        generator=_g(23),
+    )
+    assert_unbiased(rows, 1.5)
+
+
+def test_mixed_dtypes_promote_as_torch_does():
+    w32 = torch.ones(3, dtype=torch.float32)
+    rows = sad.derivative_estimates(
+        lambda t: ((t * w32) @ w32).double(), torch.tensor(0.3, dtype=torch.float64), 4
+    )
+    torch.testing.assert_close(rows, torch.full((4,), 3.0, dtype=torch.float64))
+    seen = []
+    sad.derivative_estimates(
+        lambda t: seen.append((t * w32).dtype) or t, torch.tensor(0.3, dtype=torch.float64), 2
+    )
+    assert seen == [torch.float32]
+
+
+def test_more_refusals_with_their_fixes():
+    with pytest.raises(ValueError, match="needs a last dimension of categories"):
+        sad.derivative_estimates(lambda t: sad.categorical(t).double(), torch.tensor(0.5), 3)
+    with pytest.raises(sad.UnsupportedOperation, match="cannot run inside a program"):
+        sad.derivative_estimates(
+            lambda t: sad.derivative_estimates(lambda s: s, torch.tensor(1.0), 2).sum() * t,
+            torch.tensor(0.5),
+            3,
+        )
+    with pytest.raises(ValueError, match="theta has no elements"):
+        sad.derivative_estimates(lambda t: t.sum(), torch.zeros(0), 3)
+    rows = sad.derivative_estimates(lambda t: round(t * 3.0) + t, torch.tensor(0.5), 3)
+    torch.testing.assert_close(rows, torch.ones(3))
+    with pytest.raises(AttributeError):
+        sad.derivative_estimates(lambda t: t.primal, torch.tensor(0.5), 3)
