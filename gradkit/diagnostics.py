@@ -32,6 +32,7 @@ __all__ = [
     "gradient_variance",
     "repeated_gradients",
     "summarize",
+    "variance_standard_error",
 ]
 
 Exact = Mapping[str, Tensor | float] | None
@@ -191,6 +192,46 @@ def _summaries(
             exact=exact_values.get(name),
         )
     return out
+
+
+def variance_standard_error(values: Tensor, dim: int = 0) -> Tensor:
+    r"""The standard error of a sample variance, :math:`\sqrt{(m_4 - m_2^2)/n}`, along ``dim``.
+
+    With :math:`m_k = \frac1n \sum_i (x_i - \bar x)^k` the central moments of the ``n``
+    values, the sample variance :math:`m_2` has variance :math:`(\mu_4 - \sigma^4)/n + O(1/n^2)`
+    (for a Gaussian, :math:`2\sigma^4/n`); this is its plug-in estimate. The variance of a
+    gradient estimator is itself estimated from samples, so comparing it with an exact value
+    (quadrature, closed form) needs this yardstick. Heavy-tailed estimates (a score function's
+    rows) have a large :math:`m_4`, hence a wide error.
+
+    Args:
+        values: the sample, any shape; ``dim`` indexes the draws (at least 2).
+        dim: the dimension of the draws.
+
+    Returns:
+        the standard error, ``values``'s shape without ``dim``, in float64 or ``values``'s
+        dtype if wider.
+
+    Raises:
+        ValueError: for fewer than 2 values along ``dim``.
+
+    Example:
+        >>> import torch, gradkit as gk
+        >>> x = torch.tensor([-1.0, 1.0, -1.0, 1.0])  # m2 = 1, m4 = 1: a variance without error
+        >>> gk.diagnostics.variance_standard_error(x)
+        tensor(0., dtype=torch.float64)
+    """
+    if not isinstance(values, Tensor):
+        raise TypeError(f"values must be a torch.Tensor, got {type(values).__name__}")
+    if values.dim() == 0 or values.shape[dim] < 2:
+        raise ValueError(
+            f"a variance's standard error needs at least 2 values along dim {dim}, got shape "
+            f"{tuple(values.shape)}"
+        )
+    wide = torch.promote_types(values.dtype, torch.float64)
+    centred = values.to(wide) - values.to(wide).mean(dim, keepdim=True)
+    m2, m4 = centred.pow(2).mean(dim), centred.pow(4).mean(dim)
+    return ((m4 - m2**2).clamp_min(0.0) / values.shape[dim]).sqrt()
 
 
 def summarize(

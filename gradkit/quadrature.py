@@ -451,11 +451,12 @@ def _library_options(options: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _sample_variance(values: Tensor) -> tuple[float, float]:
-    """Sample variance and its standard error :math:`\\sqrt{(m_4 - v^2)/n}`."""
-    centred = values.to(torch.float64) - values.to(torch.float64).mean()
-    v = centred.pow(2).mean()
-    m4 = centred.pow(4).mean()
-    return float(v), float(((m4 - v**2).clamp_min(0.0) / values.shape[0]).sqrt())
+    """Sample variance (the second central moment) and its standard error."""
+    from gradkit.diagnostics import variance_standard_error
+
+    flat = values.reshape(-1).to(torch.float64)
+    v = (flat - flat.mean()).pow(2).mean()
+    return float(v), float(variance_standard_error(flat))
 
 
 def variance_study(

@@ -309,3 +309,33 @@ def test_check_by_enumeration_records_a_refusal():
     q = torch.distributions.Categorical(logits=torch.zeros(3))
     (row,) = gk.diagnostics.check_by_enumeration(["arm"], lambda z: z.double(), q, 10)
     assert "defined for Bernoulli" in row["refused"] and not row["within"]
+
+
+def test_variance_standard_error_matches_the_gaussian_closed_form():
+    # the sample variance of n Gaussian values has standard deviation sigma^2 sqrt(2 / n)
+    n, batches, sigma = 2000, 2000, 1.5
+    generator = torch.Generator().manual_seed(0)
+    values = sigma * torch.randn(n, batches, generator=generator, dtype=torch.float64)
+    se = gk.diagnostics.variance_standard_error(values)
+    assert se.shape == (batches,) and se.dtype == torch.float64
+    exact = sigma**2 * math.sqrt(2 / n)
+    spread = se.std().item() / math.sqrt(batches)  # standard error of the mean estimate
+    slack = 3 / n * exact  # the plug-in moments' O(1/n) bias
+    assert abs(se.mean().item() - exact) <= 4.5 * spread + slack
+    # and it measures what it claims: the spread of the variances themselves
+    variances = values.var(0)
+    assert se.mean().item() == pytest.approx(variances.std().item(), rel=0.05)
+
+
+def test_variance_standard_error_along_a_dimension_and_errors():
+    x = torch.tensor([[-1.0, 0.0], [1.0, 0.0], [-1.0, 0.0], [1.0, 0.0]])
+    torch.testing.assert_close(
+        gk.diagnostics.variance_standard_error(x), torch.zeros(2, dtype=torch.float64)
+    )
+    assert gk.diagnostics.variance_standard_error(x.T, dim=1).shape == (2,)
+    with pytest.raises(ValueError, match="at least 2 values"):
+        gk.diagnostics.variance_standard_error(torch.ones(1))
+    with pytest.raises(ValueError, match="at least 2 values"):
+        gk.diagnostics.variance_standard_error(torch.tensor(1.0))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        gk.diagnostics.variance_standard_error([1.0, 2.0])
