@@ -41,7 +41,11 @@ one is taken with probability :math:`m / (W + m)` (and among the new ones in pro
 their weights), and the run's weight becomes :math:`W + m`. Like reservoir sampling this keeps
 world :math:`k` with probability :math:`w_k / \sum_j w_j` and weight :math:`\sum_j w_j`, so
 the expectation of :math:`W(f(\text{world}) - f)` given the primal run is exactly the sum
-above: unbiased, at the cost of one alternative evaluation per operation. The **smoothed**
+above: unbiased, at the cost of one alternative evaluation per operation. At the end of a
+parameter's range (a Bernoulli at :math:`p = 1`, say) the right derivative does not exist and
+the jump it would need has probability 0; there the same movement of the boundary is counted
+from the other side with a negative weight (the derivative from inside), pruning draws
+candidates in proportion to :math:`|w|` and keeps the sign of the one it takes. The **smoothed**
 variant (``strategy="smooth"``) replaces each jump by its mean effect, :math:`\delta_X =
 w_\uparrow - w_\downarrow`, and propagates it as an ordinary derivative: no alternative world
 and lower variance, but biased wherever the program is nonlinear in a discrete value (and
@@ -56,7 +60,8 @@ samplers. A Python ``if``, ``while``, ``bool()``, ``int()``, ``float()`` or ``.i
 a value raises :class:`UnsupportedOperation` (the two worlds may need different branches:
 write the branch with :func:`torch.where`); so do in-place operations, ``detach`` and torch's
 own random functions inside the program (which would give every run the same draw and no
-derivative). A derivative is never silently dropped.
+derivative). No operation drops a derivative silently; the one thing that cannot be checked is
+a tensor captured from outside the program, which carries none.
 
 The same samplers record each draw's log-probability, so :func:`score_function_estimates`
 gives the score-function estimate of the same program, with a leave-one-out baseline, from
