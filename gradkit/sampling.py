@@ -108,9 +108,9 @@ def compare_schemes(
     estimates uses ``num_samples`` draws of :func:`normal_noise`.
 
     Returns:
-        a pandas DataFrame, one row per scheme: ``scheme``, ``mean`` (over the repeats),
-        ``exact`` (Gauss–Hermite quadrature), ``z``, ``variance`` (of one ``num_samples``-draw
-        estimate), ``variance_se`` (its standard error,
+        a pandas DataFrame with one row per scheme and the columns ``scheme``, ``mean`` (over
+        the repeats), ``exact`` (Gauss–Hermite quadrature), ``z``, ``variance`` (of one
+        ``num_samples``-draw estimate), ``variance_se`` (its standard error, from
         :func:`gradkit.diagnostics.variance_standard_error`) and ``ratio`` (to the ``"iid"``
         variance, when ``"iid"`` is among the schemes).
 
