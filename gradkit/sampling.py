@@ -130,12 +130,10 @@ def compare_schemes(
     exact = float(gaussian_expectation(lambda x: f(x) * (x - mu) / sigma**2, mu, sigma))
     rows = []
     for scheme in schemes:
-        eps = torch.stack(
-            [
-                normal_noise(num_samples, scheme=scheme, generator=generator, dtype=torch.float64)
-                for _ in range(repeats)
-            ]
-        )  # (repeats, num_samples): one row of draws per estimate
+        # each column is one estimate's draws (the schemes act along dim 0, per column)
+        eps = normal_noise(
+            num_samples, (repeats,), scheme=scheme, generator=generator, dtype=torch.float64
+        ).T  # (repeats, num_samples)
         x = mu + sigma * eps
         if estimator == "score_function":
             values = f(x) * eps / sigma
