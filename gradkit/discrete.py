@@ -449,7 +449,7 @@ class IndeCateR(Estimator):
     instead = "for Bernoulli variables use 'disarm' or 'measure_valued'"
 
     def estimate(self, problem: Problem) -> dict[str, Tensor]:
-        from gradkit.weak_derivatives import _perturbed_costs
+        from gradkit.weak_derivatives import _by_coordinate, _perturbed_costs
 
         base: Any = problem.resolved.base
         (name,) = problem.names
@@ -465,9 +465,8 @@ class IndeCateR(Estimator):
             values = torch.arange(categories, device=x.device).expand(num, *batch, categories)
         with torch.no_grad():
             costs = _perturbed_costs(problem, x, values, inner, (categories,), event)
-        plate_ndim = len(problem.plate_shape)
-        table = costs.reshape(math.prod(inner), categories, num, *batch[:plate_ndim])
-        table = table.permute(2, *range(3, 3 + plate_ndim), 0, 1).reshape(num, *param.shape)
+        table = _by_coordinate(costs, num, problem.plate_shape, inner, categories)
+        table = table.reshape(num, *param.shape)
         p = base.probs.detach()
         centred = table - (p * table).sum(-1, keepdim=True)
         return {name: (p * centred if name == "logits" else centred).to(param.dtype)}

@@ -113,6 +113,11 @@ class UnsupportedOperation(TypeError):
 # -- the distributions: CDF, inverse CDF and log-probability on the integers ------------------
 
 
+def _poisson_log_pmf(rate: Tensor, k: Tensor) -> Tensor:
+    r""":math:`\log p_\lambda(k) = k \log\lambda - \lambda - \log k!` (0 log 0 = 0)."""
+    return _xlogy(k, rate) - rate - torch.lgamma(k + 1.0)
+
+
 class _PoissonCDF(torch.autograd.Function):
     """:math:`F_\\lambda(k) = Q(k+1, \\lambda)`, with :math:`\\partial_\\lambda F = -p_\\lambda(k)`
     in both autodiff modes (torch's ``gammaincc`` has no forward-mode derivative)."""
@@ -124,7 +129,7 @@ class _PoissonCDF(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor], output: Tensor) -> None:
         k, rate = inputs
-        pmf = torch.exp(torch.xlogy(k, rate) - rate - torch.lgamma(k + 1.0))
+        pmf = _poisson_log_pmf(rate, k).exp()
         ctx.save_for_backward(pmf)
         ctx.save_for_forward(pmf)
 
@@ -143,16 +148,7 @@ def _binomial_table(n: Tensor, p: Tensor) -> Tensor:
     """``pmf[..., j]`` of Binomial(n, p) for ``j = 0..max(n)`` (zero above ``n``)."""
     top = int(n.max()) if n.numel() else 0
     j = torch.arange(top + 1, dtype=p.dtype, device=p.device)
-    n_, p_ = n.unsqueeze(-1), p.unsqueeze(-1)
-    inside = j <= n_
-    log_pmf = (
-        torch.lgamma(n_ + 1.0)
-        - torch.lgamma(j + 1.0)
-        - torch.lgamma((n_ - j).clamp_min(0.0) + 1.0)
-        + _xlogy(j, p_)
-        + _xlogy((n_ - j).clamp_min(0.0), 1.0 - p_)
-    )
-    return torch.where(inside, log_pmf.exp(), torch.zeros_like(log_pmf))
+    return _binomial_pmf(n.unsqueeze(-1), p.unsqueeze(-1), j)
 
 
 def _at(table: Tensor, k: Tensor) -> Tensor:
@@ -192,7 +188,7 @@ class _Family:
 
     def rates(self, params: Sequence[Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
         """Jump weights ``(up, down)`` at ``x`` from the tangents of the CDF (forward mode)."""
-        plain = [fwAD.unpack_dual(p).primal for p in params]
+        plain = [_plain(p) for p in params]
         slope_at = _tangent(self.cdf(*params, x.to(plain[-1].dtype)))
         slope_below = _tangent(self.cdf(*params, x.to(plain[-1].dtype) - 1.0))
         return self.weights(plain, x, slope_at, slope_below)
@@ -307,7 +303,7 @@ def _poisson_icdf(rate: Tensor, u: Tensor) -> Tensor:
     spread = 12.0 * lam.sqrt() + 20.0
     start = (lam - spread).clamp_min(0.0).floor()
     width = math.ceil(float((lam - start + spread).max())) + 1 if lam.numel() else 1
-    first = torch.exp(_xlogy(start, lam) - lam - torch.lgamma(start + 1.0))
+    first = _poisson_log_pmf(lam, start).exp()
     steps = torch.arange(1, width, dtype=lam.dtype, device=lam.device)
     ratios = lam.unsqueeze(-1) / (start.unsqueeze(-1) + steps)  # p(k + 1) / p(k)
     pmf = first.unsqueeze(-1) * torch.cat([torch.ones_like(ratios[..., :1]), ratios], -1).cumprod(
@@ -437,7 +433,7 @@ _POISSON = _Family(
     ("rate",),
     cdf=lambda rate, k: _below_zero(k, _PoissonCDF.apply(k.clamp_min(0.0), rate)),
     icdf=_poisson_icdf,
-    log_prob=lambda rate, k: _xlogy(k, rate) - rate - torch.lgamma(k + 1.0),
+    log_prob=_poisson_log_pmf,
     upper=lambda rate: None,
     check=_check_poisson,
 )
@@ -621,24 +617,25 @@ class _Run:
 
     def draw(self, family: _Family, values: Sequence[Any]) -> StochasticTriple:
         primal, alt = self._parameters(family, values)
-        if family.integer:
-            if primal[0].dim() < 2:
-                raise ValueError(
-                    "categorical(probs) needs a last dimension of categories, got one number per "
-                    "run; pass a table, e.g. torch.stack([p, 1 - p])"
-                )
+        if family.integer and primal[0].dim() < 2:
+            raise ValueError(
+                "categorical(probs) needs a last dimension of categories, got one number per "
+                "run; pass a table, e.g. torch.stack([p, 1 - p])"
+            )
         family.check(*[_plain(p) for p in primal])
+        if self.prunes:
+            family.check(*alt)
         if family.integer:
             primal[0] = primal[0] / primal[0].sum(-1, keepdim=True)  # as torch's Categorical
             if self.prunes:
-                family.check(*alt)
                 alt[0] = alt[0] / alt[0].sum(-1, keepdim=True)
         trials = self._trials(family, primal)
+        plain = [_plain(p) for p in primal]
         if family.integer:
-            _check_empty_categories(_plain(primal[0]), _tangent(primal[0]), "categorical(probs)")
-        shape = primal[-1].shape[1:-1] if family.integer else primal[-1].shape[1:]
+            _check_empty_categories(plain[0], _tangent(primal[0]), "categorical(probs)")
+        shape = plain[-1].shape[1:-1] if family.integer else plain[-1].shape[1:]
         u = self.uniform(shape)
-        x = family.icdf(*[_plain(p) for p in primal], u)
+        x = family.icdf(*plain, u)
         if self.mode == "score":
             lp = family.log_prob(*primal, x.to(self.dtype))
             self.logp = self.logp + lp.reshape(self.rows, -1).sum(1)
@@ -652,12 +649,10 @@ class _Run:
                 )
             smoothed = up - down
             if trials is not None:  # each extra trial succeeds with probability p
-                smoothed = smoothed + trials * _plain(primal[-1])
+                smoothed = smoothed + trials * plain[-1]
             return StochasticTriple(fwAD.make_dual(x, smoothed), None, self)
-        family.check(*alt)
-        targets = family.targets([_plain(p) for p in primal], x)
-        x_alt = self._coupled(family, alt, primal, x, u)
-        return StochasticTriple(x, self._prune(x, x_alt, up, down, targets), self)
+        x_alt = self._coupled(family, alt, plain, x, u)
+        return StochasticTriple(x, self._prune(x, x_alt, up, down, family.targets(plain, x)), self)
 
     def _trials(self, family: _Family, primal: list[Tensor]) -> Tensor | None:
         """Strip the derivative of a number of trials (in place); return it where the smoothed
@@ -686,9 +681,7 @@ class _Run:
                 p, a = v._primal, self.alternative(v) if self.prunes else None
             else:
                 t = torch.as_tensor(v, device=self.device)
-                t = t.to(self.dtype) if not t.is_floating_point() else t
-                p = t.expand(self.rows, *t.shape)
-                a = p
+                p, a = t.expand(self.rows, *t.shape), None
             if not p.is_floating_point():
                 p = p.to(self.dtype)
             primal.append(p)
@@ -700,11 +693,10 @@ class _Run:
         return primal, alt
 
     def _coupled(
-        self, family: _Family, alt: list[Tensor], primal: list[Tensor], x: Tensor, u: Tensor
+        self, family: _Family, alt: list[Tensor], plain: list[Tensor], x: Tensor, u: Tensor
     ) -> Tensor:
         """The draw in the alternative worlds, from the same uniforms; recomputed only in the
-        runs whose alternative parameters differ from the primal ones."""
-        plain = [_plain(p) for p in primal]
+        runs whose alternative parameters differ from the primal ones (``plain``)."""
         differs = torch.zeros(self.rows, dtype=torch.bool, device=self.device)
         for a, p in zip(alt, plain, strict=True):
             differs |= (a != p).reshape(self.rows, -1).any(1)
@@ -1323,7 +1315,7 @@ class StochasticDerivative(Estimator):
     )
 
     def estimate(self, problem: Problem) -> dict[str, Tensor]:
-        from gradkit.weak_derivatives import _perturbed_costs
+        from gradkit.weak_derivatives import _by_coordinate, _perturbed_costs
 
         base: Any = problem.resolved.base
         family = _BY_TYPE[type(base)]
@@ -1361,10 +1353,8 @@ class StochasticDerivative(Estimator):
         ]
         with torch.no_grad():
             costs = _perturbed_costs(problem, x, torch.stack(values, -1), inner, (len(moves),), ())
-        plate_ndim = len(problem.plate_shape)
         num = problem.num_samples
-        costs = costs.reshape(math.prod(inner), len(moves), num, *problem.plate_shape)
-        costs = costs.permute(2, *range(3, 3 + plate_ndim), 0, 1).reshape(num, *batch, len(moves))
+        costs = _by_coordinate(costs, num, problem.plate_shape, inner, len(moves))
         signal = problem.signal.reshape(num, *problem.plate_shape, *([1] * (len(inner) + 1)))
         change = costs - signal
         for k, (weights, _) in enumerate(moves):

@@ -581,6 +581,17 @@ def _perturbed_costs(
     return torch.cat(costs)
 
 
+def _by_coordinate(
+    costs: Tensor, num: int, plate_shape: tuple[int, ...], inner: tuple[int, ...], extra: int
+) -> Tensor:
+    """Costs ``(G, S, *plate)`` of :func:`_perturbed_costs` (group ``g = (i, e)``) laid out by
+    coordinate: ``(S, *plate, *inner, extra)``."""
+    plate_ndim = len(plate_shape)
+    table = costs.reshape(math.prod(inner), extra, num, *plate_shape)
+    table = table.permute(2, *range(3, 3 + plate_ndim), 0, 1)
+    return table.reshape(num, *plate_shape, *inner, extra)
+
+
 def _check_wrt(wrt: object, params: Sequence[str], base: Distribution) -> list[str]:
     if isinstance(wrt, str) or not isinstance(wrt, Sequence) or any(n not in params for n in wrt):
         raise ValueError(
@@ -686,10 +697,10 @@ def _estimates(problem: Problem, coupling: bool) -> dict[str, Tensor]:
             else _perturbed_costs(problem, x, part, inner, extra, event)
             for part in parts
         ]
-        n_inner, n_extra = math.prod(inner), math.prod(extra)
+        n_extra = math.prod(extra)
         diff = costs[0] - costs[1]  # (G, S, *plate): at least one part was perturbed
-        diff = diff.reshape(n_inner, n_extra, num, *batch[:plate_ndim])
-        diff = diff.permute(2, *range(3, 3 + plate_ndim), 0, 1).reshape(num, *param.shape)
+        diff = _by_coordinate(diff, num, batch[:plate_ndim], inner, n_extra)
+        diff = diff.reshape(num, *param.shape)
         constant = torch.as_tensor(wd.constant, dtype=param.dtype, device=param.device)
         try:
             fits = torch.broadcast_shapes(constant.shape, diff.shape) == diff.shape
