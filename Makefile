@@ -42,9 +42,10 @@ execute: setup $(PEERS) ## Execute every chapter at SCALE (figures + provenance 
 book: setup ## Build the HTML book from already-executed notebooks (run 'make execute' first)
 	$(PY) -m compendium.book build --build-dir $(BUILD)
 
-lint: setup ## ruff lint and format check
+lint: setup ## ruff lint and format check; the GitHub workflows against GitHub's schema (offline)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(PY) -m check_jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
 
 test: setup lint ## Everything that checks the project: lint, unit/statistical tests, chapters at smoke scale, book build, browser check
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -8,6 +8,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -243,6 +244,79 @@ def test_gpu_workflow_calls_the_make_targets():
     ]
     assert "make test" in runs
     assert "make execute SCALE=paper" in runs
+
+
+# GitHub's hosted runner images and the labels every self-hosted runner carries.
+HOSTED_RUNNERS = {"ubuntu-latest", "ubuntu-24.04", "ubuntu-22.04", "windows-latest", "macos-latest"}
+SELF_HOSTED_DEFAULTS = {"self-hosted", "linux", "windows", "macos", "x64", "arm", "arm64"}
+
+
+def _workflows():
+    import yaml
+
+    return {
+        p.name: yaml.safe_load(p.read_text())
+        for p in (ROOT / ".github" / "workflows").glob("*.yml")
+    }
+
+
+def test_workflow_runner_labels_are_hosted_or_declared():
+    """actionlint's check of `runs-on`: a label no runner has would leave the job queued forever."""
+    import yaml
+
+    config = yaml.safe_load((ROOT / ".github" / "actionlint.yaml").read_text())
+    declared = set(config["self-hosted-runner"]["labels"])
+    assert declared, "declare the self-hosted runner's labels in .github/actionlint.yaml"
+    for name, workflow in _workflows().items():
+        for job_name, job in workflow["jobs"].items():
+            labels = job["runs-on"]
+            labels = [labels] if isinstance(labels, str) else labels
+            if "self-hosted" in labels:
+                unknown = set(labels) - SELF_HOSTED_DEFAULTS - declared
+            else:
+                unknown = set(labels) - HOSTED_RUNNERS
+            assert not unknown, f"{name}: job {job_name} runs on unknown label(s) {unknown}"
+    gpu_jobs = [
+        j for w in _workflows().values() for j in w["jobs"].values() if "gpu" in j["runs-on"]
+    ]
+    assert gpu_jobs, "the paper-scale book runs on the self-hosted GPU runner"
+
+
+def _schema_check(path):
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "check_jsonschema",
+            "--builtin-schema",
+            "vendor.github-workflows",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def test_workflow_schema_check_passes_and_catches_a_broken_workflow(tmp_path):
+    """make lint validates the workflows against GitHub's schema; a broken one fails it."""
+    original = ROOT / ".github" / "workflows" / "book.yml"
+    assert _schema_check(original).returncode == 0
+    text = original.read_text()
+    for broken in [
+        text.replace(
+            "    runs-on: ubuntu-latest\n    steps:", "    runs_on: ubuntu-latest\n    steps:", 1
+        ),
+        text.replace("timeout-minutes: 360", "timeout-minutes: six hours"),
+        text.replace(
+            "      - uses: actions/checkout@v4\n", "      - use: actions/checkout@v4\n", 1
+        ),
+    ]:
+        assert broken != text
+        path = tmp_path / "book.yml"
+        path.write_text(broken)
+        result = _schema_check(path)
+        assert result.returncode != 0, broken
 
 
 def test_clean_notebook_drops_papermill_and_machine_paths(tmp_path):
