@@ -13,6 +13,7 @@ For gradients of whole networks (an encoder trained with a score-function estima
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,8 +32,11 @@ __all__ = [
     "gradient_moments",
     "gradient_variance",
     "repeated_gradients",
+    "results_table",
+    "standard_error",
     "summarize",
     "variance_standard_error",
+    "z_score",
 ]
 
 Exact = Mapping[str, Tensor | float] | None
@@ -87,13 +91,7 @@ class GradientSummary:
     def z_score(self) -> Tensor | None:
         r""":math:`(\bar g - g^\star)/\mathrm{SE}`; ``0`` or ``±inf`` where the SE is zero."""
         bias = self.bias
-        if bias is None:
-            return None
-        se = self.standard_error
-        exact_zero = torch.where(
-            bias == 0, 0.0, torch.copysign(torch.full_like(bias, torch.inf), bias)
-        )
-        return torch.where(se > 0, bias / se.clamp_min(torch.finfo(se.dtype).tiny), exact_zero)
+        return None if bias is None else _ratio(bias, self.standard_error)
 
     def within(self, k: float = 4.0, *, atol: float | None = None) -> bool:
         r"""Whether :math:`|\bar g - g^\star| \le k\,\mathrm{SE} + \mathrm{atol}` everywhere.
@@ -119,6 +117,12 @@ class GradientSummary:
             else torch.as_tensor(atol, dtype=self.mean.dtype, device=self.mean.device)
         )
         return bool((bias.abs() <= k * self.standard_error + slack).all())
+
+
+def _ratio(bias: Tensor, se: Tensor) -> Tensor:
+    """``bias / se``, with ``0`` or ``±inf`` where the standard error is zero."""
+    exact_zero = torch.where(bias == 0, 0.0, torch.copysign(torch.full_like(bias, torch.inf), bias))
+    return torch.where(se > 0, bias / se.clamp_min(torch.finfo(se.dtype).tiny), exact_zero)
 
 
 def _moments(estimates: Tensor) -> _Moments:
@@ -221,17 +225,185 @@ def variance_standard_error(values: Tensor, dim: int = 0) -> Tensor:
         >>> gk.diagnostics.variance_standard_error(x)
         tensor(0., dtype=torch.float64)
     """
+    values = _wide(_check_sample(values, dim, "a variance's standard error"))
+    centred = values - values.mean(dim, keepdim=True)
+    m2, m4 = centred.pow(2).mean(dim), centred.pow(4).mean(dim)
+    return ((m4 - m2**2).clamp_min(0.0) / values.shape[dim]).sqrt()
+
+
+def _check_sample(values: object, dim: int, what: str) -> Tensor:
     if not isinstance(values, Tensor):
         raise TypeError(f"values must be a torch.Tensor, got {type(values).__name__}")
     if values.dim() == 0 or values.shape[dim] < 2:
         raise ValueError(
-            f"a variance's standard error needs at least 2 values along dim {dim}, got shape "
-            f"{tuple(values.shape)}"
+            f"{what} needs at least 2 values along dim {dim}, got shape {tuple(values.shape)}"
         )
-    wide = torch.promote_types(values.dtype, torch.float64)
-    centred = values.to(wide) - values.to(wide).mean(dim, keepdim=True)
-    m2, m4 = centred.pow(2).mean(dim), centred.pow(4).mean(dim)
-    return ((m4 - m2**2).clamp_min(0.0) / values.shape[dim]).sqrt()
+    return values.detach()
+
+
+def _wide(values: Tensor) -> Tensor:
+    return values.to(torch.promote_types(values.dtype, torch.float64))
+
+
+def standard_error(values: Tensor, dim: int = 0) -> Tensor:
+    r"""The standard error of a sample mean, :math:`\hat\sigma/\sqrt n`, along ``dim``.
+
+    :math:`\hat\sigma` is the sample standard deviation (divisor :math:`n-1`) of the ``n``
+    values; the draws are treated as independent.
+
+    Args:
+        values: the sample, any shape; ``dim`` indexes the draws (at least 2).
+        dim: the dimension of the draws.
+
+    Returns:
+        the standard error, ``values``'s shape without ``dim``, in float64 or ``values``'s
+        dtype if wider.
+
+    Raises:
+        TypeError: if ``values`` is not a tensor.
+        ValueError: for fewer than 2 values along ``dim``.
+
+    Example:
+        >>> import torch, gradkit as gk
+        >>> gk.diagnostics.standard_error(torch.tensor([0.0, 2.0, 0.0, 2.0]))
+        tensor(0.5774, dtype=torch.float64)
+    """
+    values = _wide(_check_sample(values, dim, "a standard error"))
+    return values.std(dim) / math.sqrt(values.shape[dim])
+
+
+def z_score(values: Tensor, exact: Tensor | float, dim: int = 0) -> Tensor:
+    r"""How many standard errors a sample mean lies from an exact value, along ``dim``.
+
+    .. math:: z = \frac{\bar x - x^\star}{\hat\sigma/\sqrt n}
+
+    A correct unbiased estimator gives :math:`|z|` of order 1 (beyond 4 or 5 is a bias, not
+    bad luck); where the values do not vary, :math:`z` is ``0`` if the mean equals the exact
+    value and ``±inf`` otherwise. To compare a variance with its exact value, pass the squared
+    deviations (or, for a zero-mean score, the squared scores): their mean is the variance.
+
+    Args:
+        values: per-sample estimates, any shape; ``dim`` indexes the draws (at least 2).
+        exact: the exact value, broadcastable to ``values``'s shape without ``dim``.
+        dim: the dimension of the draws.
+
+    Returns:
+        the z-scores, the broadcast shape, in float64 or ``values``'s dtype if wider.
+
+    Raises:
+        TypeError: if ``values`` is not a tensor.
+        ValueError: for fewer than 2 values along ``dim``, or an ``exact`` that does not
+            broadcast.
+
+    Example:
+        >>> import torch, gradkit as gk
+        >>> gk.diagnostics.z_score(torch.tensor([0.0, 2.0, 0.0, 2.0]), 0.5)
+        tensor(0.8660, dtype=torch.float64)
+    """
+    values = _wide(_check_sample(values, dim, "a z-score"))
+    mean = values.mean(dim)
+    target = torch.as_tensor(exact, dtype=values.dtype, device=values.device)
+    try:
+        bias = mean - target
+    except RuntimeError:
+        raise ValueError(
+            f"exact has shape {tuple(target.shape)}, which does not broadcast to the estimates' "
+            f"shape {tuple(mean.shape)} (values without dim {dim})"
+        ) from None
+    return _ratio(bias, standard_error(values, dim).expand_as(bias))
+
+
+def results_table(
+    estimates: Mapping[Any, Tensor],
+    exact: Mapping[Any, Tensor | float] | None = None,
+    *,
+    variance: bool = True,
+    index: Sequence[str] | str | None = None,
+) -> Any:
+    r"""A table of Monte Carlo estimates against exact values, one row per estimate.
+
+    Each entry of ``estimates`` is a sample of per-sample estimates along dim 0 (an
+    estimator's ``(num_samples, *param.shape)`` rows); its row holds the mean, the standard
+    error (:func:`standard_error`) and, with ``variance``, the per-sample variance and its
+    standard error (:func:`variance_standard_error`). Where ``exact`` has the same key, the
+    row adds the exact value and the z-score (:func:`z_score`). An entry with more than one
+    element per sample gets one row per element, its index widened by the element's position.
+
+    Args:
+        estimates: dict row key -> per-sample estimates ``(n, *shape)``, ``n >= 2``; tuple
+            keys make a multi-level index.
+        exact: optional dict row key -> exact value (broadcastable to the entry's ``shape``);
+            rows left out get no comparison (``NaN``).
+        variance: add the columns ``per-sample variance`` and ``variance s.e.``.
+        index: names of the index levels (a string for a single level).
+
+    Returns:
+        a :class:`pandas.DataFrame` with the columns ``exact``, ``mean``, ``standard error``,
+        ``z`` (and the variance columns), in float64.
+
+    Raises:
+        ImportError: without pandas (``pip install pandas``).
+        TypeError: if ``estimates`` is not a dict of tensors.
+        ValueError: for an empty ``estimates``, fewer than 2 values in an entry, ``exact``
+            keys with no estimates, or an exact value that does not broadcast.
+
+    Example:
+        >>> import torch, gradkit as gk
+        >>> t = gk.diagnostics.results_table(
+        ...     {"a": torch.tensor([0.0, 2.0, 0.0, 2.0])}, {"a": 1.0}, variance=False
+        ... )
+        >>> t.loc["a", "z"], round(t.loc["a", "standard error"], 4)
+        (np.float64(0.0), np.float64(0.5774))
+    """
+    try:
+        import pandas as pd
+    except ImportError as err:  # pragma: no cover - pandas is in the book's toolchain
+        raise ImportError("results_table returns a pandas DataFrame; pip install pandas") from err
+    if not isinstance(estimates, Mapping) or not estimates:
+        raise TypeError(
+            "estimates must be a non-empty dict {row key: tensor (n, *shape)}, got "
+            f"{type(estimates).__name__}"
+        )
+    exact = {} if exact is None else exact
+    if not isinstance(exact, Mapping):
+        raise TypeError(f"exact must be a dict {{row key: value}}, got {type(exact).__name__}")
+    unknown = [key for key in exact if key not in estimates]
+    if unknown:
+        raise ValueError(
+            f"exact has key(s) {unknown} with no estimates; the estimates have {list(estimates)}"
+        )
+    rows: list[tuple[Any, Any, dict[str, float]]] = []
+    for key, values in estimates.items():
+        sample = _wide(_check_sample(values, 0, f"results_table[{key!r}]"))
+        columns = {"mean": sample.mean(0), "standard error": standard_error(sample)}
+        shape = sample.shape[1:]
+        if key in exact:
+            z = z_score(sample, exact[key])
+            if z.shape != shape:
+                raise ValueError(
+                    f"exact[{key!r}] does not broadcast to the estimates' shape {tuple(shape)}"
+                )
+            columns["exact"] = torch.as_tensor(exact[key], dtype=z.dtype).expand_as(z)
+            columns["z"] = z
+        if variance:
+            columns["per-sample variance"] = sample.var(0)
+            columns["variance s.e."] = variance_standard_error(sample)
+        flat = {name: c.expand(shape).reshape(-1).cpu().tolist() for name, c in columns.items()}
+        for i, position in enumerate(itertools.product(*map(range, shape))):
+            element = position[0] if len(position) == 1 else position
+            rows.append((key, element if shape else None, {n: flat[n][i] for n in flat}))
+    order = ["exact", "mean", "standard error", "z", "per-sample variance", "variance s.e."]
+    keys = [key if isinstance(key, tuple) else (key,) for key, _, _ in rows]
+    if any(element is not None for _, element, _ in rows):  # one more level, the element
+        keys = [(*k, "" if e is None else e) for k, (_, e, _) in zip(keys, rows, strict=True)]
+    table = pd.DataFrame(
+        [record for _, _, record in rows],
+        index=pd.MultiIndex.from_tuples(keys) if max(map(len, keys)) > 1 else [k for (k,) in keys],
+    )
+    table = table[[c for c in order if c in table.columns]].astype("float64")
+    if index is not None:
+        table.index.names = [index] if isinstance(index, str) else list(index)
+    return table
 
 
 def summarize(

@@ -339,3 +339,100 @@ def test_variance_standard_error_along_a_dimension_and_errors():
         gk.diagnostics.variance_standard_error(torch.tensor(1.0))
     with pytest.raises(TypeError, match="torch.Tensor"):
         gk.diagnostics.variance_standard_error([1.0, 2.0])
+
+
+def test_standard_error_measures_the_spread_of_means():
+    # the standard error of a mean of n values is sigma / sqrt(n): check it against the spread
+    # of many independent means, and its average against the closed form
+    n, batches, sigma = 400, 4000, 2.0
+    generator = torch.Generator().manual_seed(1)
+    values = sigma * torch.randn(n, batches, generator=generator, dtype=torch.float64)
+    se = gk.diagnostics.standard_error(values)
+    assert se.shape == (batches,) and se.dtype == torch.float64
+    exact = sigma / math.sqrt(n)
+    assert abs(se.mean().item() - exact) <= 4.5 * se.std().item() / math.sqrt(batches) + 1e-3
+    assert values.mean(0).std().item() == pytest.approx(exact, rel=0.05)
+    assert gk.diagnostics.standard_error(values.T, dim=1).shape == (batches,)
+
+
+def test_z_score_of_an_unbiased_and_a_biased_estimate():
+    generator = torch.Generator().manual_seed(2)
+    rows = MU + SIGMA * torch.randn(20_000, 3, generator=generator)
+    z = gk.diagnostics.z_score(rows, MU)
+    assert z.shape == (3,) and z.dtype == torch.float64
+    assert z.abs().max() < 4.5
+    # a bias of 0.1 is 0.1 / (1.2 / sqrt(20000)) ~ 12 standard errors
+    assert (gk.diagnostics.z_score(rows, MU - 0.1) > 8).all()
+    # exact broadcasts, per element; the value matches the definition
+    exact = torch.tensor([MU, MU + 0.2, MU])
+    expected = (rows.double().mean(0) - exact) / (rows.double().std(0) / math.sqrt(20_000))
+    torch.testing.assert_close(gk.diagnostics.z_score(rows, exact), expected.double())
+    # a variance against its exact value: the mean of squared (zero-mean) deviations
+    assert gk.diagnostics.z_score((rows - MU) ** 2, SIGMA**2).abs().max() < 4.5
+
+
+def test_z_score_without_spread_and_errors():
+    flat = torch.full((5,), 2.0)
+    assert gk.diagnostics.z_score(flat, 2.0).item() == 0.0
+    assert gk.diagnostics.z_score(flat, 1.0).item() == math.inf
+    assert gk.diagnostics.z_score(flat, 3.0).item() == -math.inf
+    with pytest.raises(ValueError, match="does not broadcast"):
+        gk.diagnostics.z_score(torch.zeros(4, 3), torch.zeros(2))
+    with pytest.raises(ValueError, match="at least 2 values"):
+        gk.diagnostics.z_score(torch.zeros(1, 3), 0.0)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        gk.diagnostics.z_score([1.0, 2.0], 0.0)
+    with pytest.raises(ValueError, match="at least 2 values"):
+        gk.diagnostics.standard_error(torch.tensor(1.0))
+
+
+def test_results_table_rows_columns_and_elements():
+    generator = torch.Generator().manual_seed(3)
+    vector = torch.randn(1000, 2, generator=generator, dtype=torch.float64) + torch.tensor([0, 1])
+    scalar = torch.randn(1000, generator=generator, dtype=torch.float64)
+    table = gk.diagnostics.results_table(
+        {("loc", "pathwise"): vector, ("scale", "score"): scalar},
+        {("loc", "pathwise"): torch.tensor([0.0, 1.0])},
+        index=["parameter", "estimator", "element"],
+    )
+    assert list(table.columns) == [
+        "exact", "mean", "standard error", "z", "per-sample variance", "variance s.e.",
+    ]  # fmt: skip
+    assert table.index.names == ["parameter", "estimator", "element"]
+    assert len(table) == 3
+    row = table.loc[("loc", "pathwise", 1)]
+    assert row["exact"] == 1.0
+    assert row["mean"] == pytest.approx(vector[:, 1].mean().item())
+    assert row["standard error"] == pytest.approx(gk.diagnostics.standard_error(vector)[1].item())
+    assert row["z"] == pytest.approx(gk.diagnostics.z_score(vector, torch.tensor([0, 1.0]))[1])
+    assert row["per-sample variance"] == pytest.approx(vector[:, 1].var().item())
+    assert row["variance s.e."] == pytest.approx(
+        gk.diagnostics.variance_standard_error(vector)[1].item()
+    )
+    other = table.loc[("scale", "score", "")]
+    assert math.isnan(other["exact"]) and math.isnan(other["z"])
+    # a single-level table, without the variance columns
+    plain = gk.diagnostics.results_table({"a": scalar, "b": scalar + 5}, {"b": 5.0}, variance=False)
+    assert list(plain.index) == ["a", "b"] and list(plain.columns) == [
+        "exact", "mean", "standard error", "z",
+    ]  # fmt: skip
+    assert abs(plain.loc["b", "z"]) < 4.5
+    assert plain.loc["b", "z"] == pytest.approx(gk.diagnostics.z_score(scalar, 0.0).item())
+
+
+def test_results_table_errors():
+    rows = torch.zeros(4)
+    with pytest.raises(TypeError, match="non-empty dict"):
+        gk.diagnostics.results_table({})
+    with pytest.raises(TypeError, match="non-empty dict"):
+        gk.diagnostics.results_table(rows)
+    with pytest.raises(TypeError, match="exact must be a dict"):
+        gk.diagnostics.results_table({"a": rows}, 1.0)
+    with pytest.raises(ValueError, match=r"\['b'\] with no estimates"):
+        gk.diagnostics.results_table({"a": rows}, {"b": 1.0})
+    with pytest.raises(ValueError, match="does not broadcast"):
+        gk.diagnostics.results_table({"a": rows}, {"a": torch.zeros(3)})
+    with pytest.raises(ValueError, match=r"results_table\['a'\] needs at least 2 values"):
+        gk.diagnostics.results_table({"a": torch.zeros(1)})
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        gk.diagnostics.results_table({"a": [1.0, 2.0]})
