@@ -32,6 +32,7 @@ __all__ = [
     "gaussian_gradient",
     "gaussian_gradient_variance",
     "normal_rule",
+    "parameter_sweep",
     "plot_variance_study",
     "variance_study",
 ]
@@ -554,16 +555,136 @@ def variance_study(
     return records
 
 
+def parameter_sweep(
+    costs: Mapping[str, CostFn],
+    vary: str,
+    values: Sequence[float] | Tensor,
+    loc: float = 0.0,
+    scale: float = 1.0,
+    *,
+    num_samples: int = 0,
+    methods: Mapping[str, tuple[str, Mapping[str, Any]]] = STUDY_METHODS,
+    num_nodes: int = 512,
+    device: torch.device | str | None = None,
+) -> list[dict[str, Any]]:
+    r"""Per-sample gradient variances along :math:`\mu` or :math:`\sigma`, exact and sampled.
+
+    The companion of :func:`variance_study`, which varies the cost: here the cost is fixed and
+    one parameter of :math:`\mathcal N(\mu, \sigma^2)` moves over ``values`` while the other
+    stays at ``loc`` or ``scale``. For every cost, point, method and parameter
+    :math:`\theta \in \{\mu, \sigma\}` it records the exact gradient
+    (:func:`gaussian_gradient`) and the exact per-sample variance
+    (:func:`gaussian_gradient_variance`). With ``num_samples > 0`` it also runs gradkit's own
+    estimator once per cost and method on all points together: a batch of Gaussians declared a
+    plate (each point's cost depends on its own sample only), ``num_samples`` draws each in
+    float64, and records the sampled variance with its standard error
+    (:func:`gradkit.diagnostics.variance_standard_error`) and the z-score of the sampled mean
+    gradient against the exact one (:func:`gradkit.diagnostics.z_score`).
+
+    Args:
+        costs: name -> scalar cost ``f`` applied elementwise.
+        vary: ``"loc"`` or ``"scale"``, the parameter that moves.
+        values: its values (``scale`` values must be positive).
+        loc: :math:`\mu` where it is held fixed.
+        scale: :math:`\sigma` where it is held fixed.
+        num_samples: Monte Carlo samples per point (0: exact values only).
+        methods: display name -> (estimator, options), as :data:`STUDY_METHODS`.
+        num_nodes: quadrature nodes.
+        device: device of the Monte Carlo runs.
+
+    Returns:
+        one dict per (cost, point, method, param) with keys ``cost``, ``method``, ``param``,
+        ``loc``, ``scale``, ``value`` (the moving parameter's value), ``gradient``, ``exact``
+        and, when sampled, ``mc``, ``mc_se``, ``mean`` and ``z``.
+
+    Raises:
+        ValueError: for a ``vary`` other than ``"loc"`` or ``"scale"``, no values, a
+            non-positive scale, or as :func:`gaussian_gradient_variance`.
+
+    Example:
+        >>> import gradkit as gk
+        >>> rows = gk.quadrature.parameter_sweep({"x^2": lambda x: x**2}, "loc", [0.0, 1.0],
+        ...                                      methods={"pathwise": ("pathwise", {})})
+        >>> [(r["value"], r["param"], round(r["exact"], 10)) for r in rows]  # Var 2x = 4
+        [(0.0, 'loc', 4.0), (0.0, 'scale', 8.0), (1.0, 'loc', 4.0), (1.0, 'scale', 12.0)]
+    """
+    from gradkit.diagnostics import variance_standard_error, z_score
+    from gradkit.registry import ESTIMATORS
+
+    if vary not in ("loc", "scale"):
+        raise ValueError(f"vary must be 'loc' or 'scale', got {vary!r}")
+    points = [
+        _as_scalar(v, vary) for v in (values.tolist() if isinstance(values, Tensor) else values)
+    ]
+    if not points:
+        raise ValueError("values is empty; give the points of the sweep")
+    mu, sigma = _as_scalar(loc, "loc"), _as_scalar(scale, "scale")
+    grid = [(v, sigma) if vary == "loc" else (mu, v) for v in points]
+    for _, s in grid:
+        _check_scale(s)
+    batch = torch.tensor(grid, dtype=torch.float64, device=device)
+    dist = torch.distributions.Normal(batch[:, 0], batch[:, 1])
+    records = []
+    for cost, f in costs.items():
+        gradients = {
+            p: [gaussian_gradient(f, m, s, param=p, num_nodes=num_nodes) for m, s in grid]
+            for p in ("loc", "scale")
+        }
+        for method, (estimator, options) in methods.items():
+            sampled: dict[str, dict[str, list[float]]] = {}
+            if num_samples > 0:
+                rows = ESTIMATORS[estimator](
+                    f, dist, num_samples, plate=True, **_library_options(options)
+                )
+                for p in ("loc", "scale"):
+                    centred = rows[p] - rows[p].mean(0)
+                    exact_gradient = torch.tensor(gradients[p], dtype=torch.float64, device=device)
+                    sampled[p] = {
+                        "mc": centred.pow(2).mean(0).tolist(),
+                        "mc_se": variance_standard_error(rows[p]).tolist(),
+                        "mean": rows[p].mean(0).tolist(),
+                        "z": z_score(rows[p], exact_gradient).tolist(),
+                    }
+            for i, (m, s) in enumerate(grid):
+                for p in ("loc", "scale"):
+                    row = {
+                        "cost": cost,
+                        "method": method,
+                        "param": p,
+                        "loc": m,
+                        "scale": s,
+                        "value": points[i],
+                        "gradient": gradients[p][i],
+                        "exact": gaussian_gradient_variance(
+                            f, m, s, estimator=estimator, param=p, num_nodes=num_nodes, **options
+                        ),
+                    }
+                    row.update({key: column[i] for key, column in sampled.get(p, {}).items()})
+                    records.append(row)
+    return records
+
+
 def plot_variance_study(
-    exact: Sequence[Mapping[str, Any]], sampled: Sequence[Mapping[str, Any]] = ()
+    exact: Sequence[Mapping[str, Any]],
+    sampled: Sequence[Mapping[str, Any]] = (),
+    *,
+    x: str = "k",
+    xlabel: str = "$k$",
+    xscale: str = "linear",
+    title: str = "$f(x) = {cost}$",
 ) -> Any:
     r"""The variance study as a figure: rows :math:`\partial_\mu`, :math:`\partial_\sigma`;
     one column per cost family; exact curves as lines, sampled variances as points with
     two-standard-error bars; log scale.
 
     Args:
-        exact: records from :func:`variance_study` (typically a dense grid of ``k``).
+        exact: records from :func:`variance_study` or :func:`parameter_sweep` (typically a
+            dense grid).
         sampled: records with ``mc`` and ``mc_se`` (typically a coarse grid).
+        x: the records' key on the horizontal axis (``"value"`` for a parameter sweep).
+        xlabel: its label.
+        xscale: its matplotlib scale (``"log"`` for a sweep of :math:`\sigma`).
+        title: each column's title, formatted with ``cost``.
 
     Returns:
         the matplotlib figure.
@@ -596,7 +717,7 @@ def plot_variance_study(
                     if (r["cost"], r["param"], r["method"]) == (cost, param, method)
                 ]
                 ax.plot(
-                    [r["k"] for r in pick],
+                    [r[x] for r in pick],
                     [r["exact"] for r in pick],
                     color=colors[method],
                     label=method,
@@ -608,7 +729,7 @@ def plot_variance_study(
                 ]
                 if dots:
                     ax.errorbar(
-                        [r["k"] for r in dots],
+                        [r[x] for r in dots],
                         [r["mc"] for r in dots],
                         yerr=[2 * r["mc_se"] for r in dots],
                         fmt="o",
@@ -616,7 +737,7 @@ def plot_variance_study(
                         color=colors[method],
                         capsize=2,
                     )
-            ax.set_yscale("log")
+            ax.set(yscale="log", xscale=xscale)
             values = [r["exact"] for r in exact if (r["cost"], r["param"]) == (cost, param)]
             top = max(values)
             if top > 0:  # a variance that touches zero would stretch the axis to 1e-30
@@ -624,9 +745,9 @@ def plot_variance_study(
             symbol = r"\mu" if param == "loc" else r"\sigma"
             ax.set_ylabel(rf"variance of $\partial_{symbol}$ estimate")
             if row == 0:
-                ax.set_title(f"$f(x) = {cost}$")
+                ax.set_title(title.format(cost=cost))
             else:
-                ax.set_xlabel("$k$")
+                ax.set_xlabel(xlabel)
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(methods), frameon=False)
     fig.tight_layout(rect=(0, 0.05, 1, 1))

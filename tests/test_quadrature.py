@@ -207,3 +207,55 @@ def test_errors():
         q.gaussian_expectation(lambda x: x.sum(), 0.0, 1.0)
     with pytest.raises(TypeError, match="callable"):
         q.gaussian_expectation(None, 0.0, 1.0)
+
+
+@pytest.mark.parametrize("vary", ["loc", "scale"])
+def test_parameter_sweep_exact_curves_match_the_closed_form(vary):
+    # along mu (sigma = 1.3) or sigma (mu = 0.4) for f = (x - 1)^2: every point against the
+    # closed-form variances of quadratic_variances
+    values = [-1.0, 0.5, 2.0] if vary == "loc" else [0.3, 1.0, 2.5]
+    rows = q.parameter_sweep({"quad": lambda x: (x - 1.0) ** 2}, vary, values, loc=0.4, scale=1.3)
+    assert len(rows) == len(values) * len(q.STUDY_METHODS) * 2
+    for row in rows:
+        assert row[vary] == row["value"] and row["value"] in values
+        assert row["scale" if vary == "loc" else "loc"] == (1.3 if vary == "loc" else 0.4)
+        estimator, options = q.STUDY_METHODS[row["method"]]
+        key = (estimator, row["param"], options.get("baseline"), options.get("coupling", True))
+        closed = quadratic_variances(row["loc"] - 1.0, row["scale"])[key]
+        assert row["exact"] == pytest.approx(closed, rel=1e-9, abs=1e-10), row
+        gradient = 2 * (row["loc"] - 1.0) if row["param"] == "loc" else 2 * row["scale"]
+        assert row["gradient"] == pytest.approx(gradient, rel=1e-9, abs=1e-12)
+        assert "mc" not in row
+
+
+def test_parameter_sweep_samples_every_point_on_its_own():
+    # the sampled variances and means against the exact ones, point by point: a batch that
+    # mixed the points' noise (no plate) would inflate the variances far beyond the error bars
+    methods = {"score function": ("score_function", {}), "pathwise": ("pathwise", {})}
+    rows = q.parameter_sweep(
+        {"bump": lambda x: torch.exp(-(x**2))},
+        "scale",
+        [0.2, 1.0, 3.0],
+        loc=0.5,
+        num_samples=100_000,
+        methods=methods,
+    )
+    assert len(rows) == 3 * 2 * 2
+    for row in rows:
+        assert abs(row["mc"] - row["exact"]) < Z * row["mc_se"], row
+        assert abs(row["z"]) < Z, row
+        assert row["z"] == pytest.approx(
+            (row["mean"] - row["gradient"]) / math.sqrt(row["mc"] / 100_000), rel=1e-3
+        )
+
+
+def test_parameter_sweep_errors():
+    f = {"x": lambda x: x}
+    with pytest.raises(ValueError, match="vary must be 'loc' or 'scale'"):
+        q.parameter_sweep(f, "mu", [0.0])
+    with pytest.raises(ValueError, match="values is empty"):
+        q.parameter_sweep(f, "loc", [])
+    with pytest.raises(ValueError, match="scale must be positive"):
+        q.parameter_sweep(f, "scale", [1.0, 0.0])
+    with pytest.raises(ValueError, match="scale must be positive"):
+        q.parameter_sweep(f, "loc", [1.0], scale=-1.0)
