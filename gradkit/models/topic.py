@@ -44,6 +44,7 @@ from torch.func import functional_call, vjp, vmap
 
 from gradkit.autodiff import expectation
 from gradkit.baselines import ExponentialMovingAverage, LearnedBaseline, LeaveOneOut
+from gradkit.diagnostics import z_score
 
 __all__ = [
     "METHODS",
@@ -482,8 +483,7 @@ def summarise_logit_gradients(estimates: Tensor, exact: Tensor) -> dict[str, flo
     n = estimates.shape[0]
     if n < 2:
         raise ValueError(f"a summary needs at least 2 replicated estimates, got {n}")
-    se = estimates.std(0) / math.sqrt(n)
-    bias_z = (estimates.mean(0) - exact).abs() / se.clamp_min(torch.finfo(se.dtype).tiny)
+    bias_z = z_score(estimates, exact).abs()
     return {
         "max_bias_z": float(bias_z.max()),
         "relative_std": float((estimates.std(0) / exact.abs()).median()),
