@@ -16,7 +16,12 @@ unchanged and can lower the variance of the average:
   the variance of the average of a smooth :math:`h` falls from :math:`O(1/n)` to
   :math:`O(1/n^3)`.
 
-Both make the rows of one estimate dependent, so the variance of a scheme is the variance of
+Holding the draws *fixed* is the third idea: :func:`common_random_numbers` turns a Monte
+Carlo computation into a deterministic function of its parameters, so that it can be
+differentiated and optimised like any other (its docstring says what that gradient estimates
+and when it is biased).
+
+Both schemes make the rows of one estimate dependent, so the variance of a scheme is the variance of
 the *whole* :math:`n`-draw estimate over independent repetitions, which :func:`compare_schemes`
 measures (against the exact gradient by quadrature). The same idea appears across the book:
 the coupled measure-valued derivative of a Gaussian mean uses mirror images
@@ -35,7 +40,7 @@ from torch import Tensor
 
 from gradkit import _checks
 
-__all__ = ["SCHEMES", "compare_schemes", "normal_noise"]
+__all__ = ["SCHEMES", "common_random_numbers", "compare_schemes", "normal_noise"]
 
 SCHEMES = ("iid", "antithetic", "stratified")
 
@@ -158,3 +163,89 @@ def compare_schemes(
     if "iid" in set(schemes):
         table["ratio"] = table.variance / float(table.set_index("scheme").variance["iid"])
     return table
+
+
+def _global_states(device: torch.device) -> list[Tensor]:
+    states = [torch.random.get_rng_state()]
+    if device.type == "cuda" and torch.cuda.is_initialized():
+        states.append(torch.cuda.get_rng_state(device))
+    return states
+
+
+def common_random_numbers(
+    fn: Callable[..., Any], seed: int, *, device: torch.device | str | None = None
+) -> Callable[..., Any]:
+    r"""Hold the random numbers of a Monte Carlo computation fixed across calls.
+
+    Returns ``g`` with ``g(*args, **kwargs) = fn(*args, generator=G, **kwargs)``, where ``G``
+    is a new :class:`torch.Generator` on ``device`` seeded with ``seed`` at every call: every
+    call sees the same stream of draws (*common random numbers*), so ``g`` is a deterministic
+    function of its arguments that autograd differentiates and an optimiser can minimise.
+    ``fn`` must take every draw from the generator it is given (``torch.randn(...,
+    generator=generator)``, ``gk.pathwise(..., generator=generator)``, the samplers of
+    :mod:`gradkit.sampling`); a call that moves torch's global generator raises, because
+    those draws would not be held fixed.
+
+    **What the gradient estimates.** For fixed draws :math:`u`, autograd returns
+    :math:`\nabla_\theta \hat S(\theta; u)`, the derivative of the algorithm's output along
+    the path of its samples: a pathwise estimator. Its mean is :math:`\nabla_\theta
+    \mathbb{E}_u[\hat S(\theta; u)]` when :math:`\hat S` is differentiable in
+    :math:`\theta` for almost every :math:`u` and dominated by an integrable Lipschitz bound
+    (Glasserman 2003, §7.2). Minimising :math:`\hat S(\cdot; u)` for one fixed :math:`u`
+    (sample-average approximation) gives a minimiser that is consistent as the number of draws
+    grows, with an error of order :math:`1/\sqrt n`.
+
+    **When it is biased.** When the output jumps as :math:`\theta` moves a sample across a
+    boundary (an indicator or a step of the cost, an accept/reject decision, an argmax or
+    sort, a count, a sampler whose number of draws depends on :math:`\theta` so the stream
+    shifts), the derivative of each piece misses the jumps' contribution: it is zero for a
+    piecewise-constant output and biased in general. Nothing here can detect a jump; the
+    book's comparison chapter measures one such bias.
+
+    Args:
+        fn: the Monte Carlo computation; it takes a keyword argument ``generator``.
+        seed: the seed of every call's generator.
+        device: the generator's device (that of the draws ``fn`` makes); default CPU.
+
+    Returns:
+        the function ``g``.
+
+    Raises:
+        TypeError: if ``fn`` is not callable or ``seed`` not an int.
+        RuntimeError: (from ``g``) when a call of ``fn`` draws from torch's global generator.
+
+    Example:
+        >>> import torch, gradkit as gk
+        >>> def estimate(theta, generator):  # E[(theta + eps)^2] by 4 draws
+        ...     eps = torch.randn(4, generator=generator, dtype=torch.float64)
+        ...     return ((theta + eps) ** 2).mean()
+        >>> g = gk.sampling.common_random_numbers(estimate, seed=0)
+        >>> theta = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+        >>> bool(g(theta) == g(theta))  # the same draws at every call
+        True
+    """
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    where = torch.device("cpu" if device is None else device)
+
+    def with_fixed_draws(*args: Any, **kwargs: Any) -> Any:
+        if "generator" in kwargs:
+            raise TypeError(
+                "common_random_numbers passes generator= itself; do not pass one to the call"
+            )
+        generator = torch.Generator(device=where).manual_seed(seed)
+        before = _global_states(where)
+        out = fn(*args, generator=generator, **kwargs)
+        after = _global_states(where)
+        if any(not torch.equal(a, b) for a, b in zip(before, after, strict=False)):
+            raise RuntimeError(
+                "fn drew from torch's global random number generator, whose draws are not held "
+                "fixed between calls: pass generator=generator to every draw in fn "
+                "(torch.randn(..., generator=generator), gradkit's estimators and samplers); "
+                "torch.distributions' sample() and rsample() always use the global generator"
+            )
+        return out
+
+    return with_fixed_draws

@@ -76,3 +76,50 @@ def test_variances_match_their_closed_forms():
     # antithetic pairs: (f(x) - f(2mu - x)) eps / (2 sigma) = 2 mu eps^2, variance 8 mu^2 per pair
     anti = table.loc["antithetic"]
     assert abs(anti.variance - 8 * mu**2 / (n / 2)) < Z * anti.variance_se
+
+
+def test_common_random_numbers_hold_the_draws_fixed():
+    def estimate(theta, scale=1.0, *, generator):
+        eps = torch.randn(1000, generator=generator, dtype=torch.float64)
+        return ((theta + scale * eps) ** 2).mean()
+
+    fixed = gk.sampling.common_random_numbers(estimate, seed=7)
+    theta = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    first, again = fixed(theta), fixed(theta, scale=1.0)
+    assert first.item() == again.item()
+    assert fixed(theta, 2.0).item() != first.item()
+    # the gradient is the pathwise derivative along the fixed draws: 2 (theta + mean eps)
+    (g,) = torch.autograd.grad(first, theta)
+    eps = torch.randn(1000, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    assert g.item() == pytest.approx(2 * (0.5 + eps.mean().item()), rel=1e-12)
+    # another seed, other draws; gradkit's estimators take the generator too
+    assert gk.sampling.common_random_numbers(estimate, seed=8)(theta).item() != first.item()
+    dist = torch.distributions.Normal(theta, torch.tensor(1.0, dtype=torch.float64))
+    pathwise = gk.sampling.common_random_numbers(
+        lambda d, generator: gk.pathwise(lambda x: x**2, d, 10, generator=generator)["loc"],
+        seed=1,
+    )
+    assert torch.equal(pathwise(dist), pathwise(dist))
+
+
+def test_common_random_numbers_refuse_the_global_generator_and_bad_input():
+    def leaky(theta, generator):  # the second draw ignores the generator
+        return theta + torch.randn(3, generator=generator) + torch.randn(3)
+
+    with pytest.raises(RuntimeError, match="global random number generator"):
+        gk.sampling.common_random_numbers(leaky, seed=0)(torch.tensor(0.0))
+
+    def sampled(theta, generator):  # torch.distributions always draw from the global one
+        return torch.distributions.Normal(theta, 1.0).rsample((3,))
+
+    with pytest.raises(RuntimeError, match="pass generator=generator"):
+        gk.sampling.common_random_numbers(sampled, seed=0)(torch.tensor(0.0))
+    fixed = gk.sampling.common_random_numbers(
+        lambda generator: torch.rand(1, generator=generator), 0
+    )
+    with pytest.raises(TypeError, match="passes generator= itself"):
+        fixed(generator=torch.Generator())
+    with pytest.raises(TypeError, match="fn must be callable"):
+        gk.sampling.common_random_numbers(3, seed=0)
+    with pytest.raises(TypeError, match="seed must be an int"):
+        gk.sampling.common_random_numbers(leaky, seed=1.5)
