@@ -39,6 +39,7 @@ from gradkit.diagnostics import results_table
 from gradkit.sampling import common_random_numbers
 
 __all__ = [
+    "ALGORITHMS",
     "from_proposal",
     "from_target",
     "gradient_table",
@@ -167,6 +168,7 @@ def from_target(
     return (torch.exp(_log_weight(y, theta.unsqueeze(-1))) * inside).mean(-1)
 
 
+#: The two estimates of :math:`M`, by the name the chapter gives them.
 ALGORITHMS: dict[str, Estimate] = {
     "draws from the proposal": from_proposal,
     "draws from the target": from_target,
