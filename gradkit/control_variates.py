@@ -125,13 +125,15 @@ class QuadraticExpansion:
         \mathbb{E}[\tilde f] = f(\mu_0) + \nabla f(\mu_0)^\top (m - \mu_0)
         + \tfrac12\big[(m - \mu_0)^\top H (m - \mu_0) + \operatorname{tr}(H C)\big].
 
-    Built by :meth:`DeltaMethod.expand` (Paisley, Blei and Jordan 2012).
+    Built by :meth:`DeltaMethod.expand` (Paisley, Blei and Jordan 2012). A first-order
+    expansion (``order=1``) has no Hessian (``hessian is None``): :math:`\tilde f` is linear and
+    :math:`\mathbb{E}[\tilde f] = f(\mu_0) + \nabla f(\mu_0)^\top (m - \mu_0)`.
 
     Attributes:
         point: :math:`\mu_0`, shape ``(D,)``.
         value: :math:`f(\mu_0)`, a 0-dim tensor.
         gradient: :math:`\nabla f(\mu_0)`, shape ``(D,)``.
-        hessian: :math:`H`, shape ``(D, D)``.
+        hessian: :math:`H`, shape ``(D, D)``, or ``None`` for a first-order expansion.
         shape: the shape of one sample, ``batch_shape + event_shape``.
 
     Example:
@@ -147,7 +149,7 @@ class QuadraticExpansion:
     point: Tensor
     value: Tensor
     gradient: Tensor
-    hessian: Tensor
+    hessian: Tensor | None
     shape: torch.Size
 
     def __call__(self, x: Tensor) -> Tensor:
@@ -158,7 +160,10 @@ class QuadraticExpansion:
         """
         lead = x.shape[: x.dim() - len(self.shape)]
         delta = x.reshape(*lead, -1).to(self.point.dtype) - self.point
-        return self.value + delta @ self.gradient + 0.5 * ((delta @ self.hessian) * delta).sum(-1)
+        linear = self.value + delta @ self.gradient
+        if self.hessian is None:
+            return linear
+        return linear + 0.5 * ((delta @ self.hessian) * delta).sum(-1)
 
     def expectation(self, dist: Distribution) -> Tensor:
         r""":math:`\mathbb{E}_{x\sim\mathrm{dist}}[\tilde f(x)]` in closed form (differentiable).
@@ -175,6 +180,8 @@ class QuadraticExpansion:
             )
         mean, cov, diagonal = _moments(dist, full)
         delta = mean - self.point
+        if self.hessian is None:
+            return self.value + delta @ self.gradient
         if diagonal:
             trace = (torch.diagonal(self.hessian) * cov).sum()
         else:
@@ -196,7 +203,11 @@ class DeltaMethod(ControlVariate):
     .. math::
         \hat g_s - \beta\, h_s, \qquad \hat g_s = f(x_s)\,\nabla_\theta \log p(x_s;\theta)
 
-    (Paisley, Blei and Jordan 2012; Mohamed et al. 2020, §7.2). The gradient of
+    (Paisley, Blei and Jordan 2012; Mohamed et al. 2020, §7.2). With ``order=1`` the expansion
+    is linear, the control variate of MuProp (Gu et al. 2016): it needs one gradient of ``f``
+    at the mean and no Hessian, so it scales to many coordinates (a batch of documents'
+    latent factors), and for a Bernoulli :math:`\nabla_\theta\mathbb{E}[\tilde f]` is
+    :math:`\nabla f(\mu_0)^\top \nabla_\theta \psi`. The gradient of
     :math:`\mathbb{E}[\tilde f]` comes from autograd through the distribution's mean and
     (co)variance as functions of its parameters, with the expansion point held fixed. For a
     quadratic ``f`` the expansion is exact, and with :math:`\beta = 1` every per-sample estimate
@@ -206,23 +217,27 @@ class DeltaMethod(ControlVariate):
     :math:`\mathrm{Cov}(\hat g, h)/\mathrm{Var}(h)` from the *other* samples (leave-one-out),
     so it is independent of sample :math:`s` and the estimator stays unbiased; this needs
     ``num_samples >= 3``. A fixed ``coefficient`` needs one sample. The Hessian costs
-    :math:`D^2` for :math:`D` sample coordinates, and the score function's run on
-    :math:`\tilde f` needs its per-sample scores (a copy of the parameters per sample).
+    :math:`D^2` for :math:`D` sample coordinates (``order=1`` avoids it), and the score
+    function's run on :math:`\tilde f` needs its per-sample scores (a copy of the parameters
+    per sample).
 
     It works with every estimator: for the pathwise estimator :math:`h_s` is the pathwise
     gradient of :math:`\tilde f` at the same sample, for the measure-valued estimator the
     difference of :math:`\tilde f` at the same perturbed points. Under a declared plate each
     batch element gets its own expansion.
 
-    Requirements: ``f`` twice differentiable in ``x`` by autograd; real-valued samples; a
+    Requirements: ``f`` twice (``order=1``: once) differentiable in ``x`` by autograd;
+    real-valued samples; a
     distribution whose ``mean`` and ``variance`` torch implements (univariate, optionally in
     ``Independent``) or a ``MultivariateNormal``.
 
     Args:
         coefficient: a fixed :math:`\beta`, or ``None`` to estimate it.
+        order: 2 (the quadratic expansion) or 1 (linear, no Hessian).
 
     Raises:
         TypeError: for a coefficient that is not a real number.
+        ValueError: for an order other than 1 or 2.
 
     Example:
         >>> import torch, gradkit as gk
@@ -233,7 +248,7 @@ class DeltaMethod(ControlVariate):
         (tensor([2., 2., 2., 2.]), tensor([4., 4., 4., 4.]))
     """
 
-    def __init__(self, coefficient: float | None = None) -> None:
+    def __init__(self, coefficient: float | None = None, *, order: int = 2) -> None:
         if coefficient is not None and (
             isinstance(coefficient, bool)
             or not isinstance(coefficient, (int, float))
@@ -243,7 +258,12 @@ class DeltaMethod(ControlVariate):
                 f"coefficient must be a finite real number or None (estimate it), got "
                 f"{coefficient!r}; e.g. DeltaMethod(coefficient=1.0)"
             )
+        if isinstance(order, bool) or not isinstance(order, int) or order not in (1, 2):
+            raise ValueError(
+                f"order must be 1 (a linear expansion) or 2 (quadratic), got {order!r}"
+            )
         self.coefficient = coefficient
+        self.order = order
 
     def control(self, problem: Problem) -> Control:
         """The quadratic expansion of the call's (contracted) signal at the mean.
@@ -271,14 +291,16 @@ class DeltaMethod(ControlVariate):
         def signal(x: Tensor) -> Tensor:
             return problem.contract(problem.f(x), 1)
 
-        expansion, values = self._expand(signal, dist)
+        expansion, values = self._expand(signal, dist, self.order)
         point, gradient, hessian = expansion.point, expansion.gradient, expansion.hessian
         plate_shape = problem.plate_shape
 
         def control(x: Tensor, lead: int) -> Tensor:
             lead_shape = x.shape[:lead]
             delta = x.reshape(*lead_shape, -1).to(point.dtype) - point
-            terms = delta * gradient + 0.5 * delta * (delta @ hessian)
+            terms = delta * gradient
+            if hessian is not None:
+                terms = terms + 0.5 * delta * (delta @ hessian)
             if plate_shape:
                 return terms.reshape(*lead_shape, *plate_shape, -1).sum(-1) + values
             return terms.sum(-1) + values.sum()
@@ -286,7 +308,9 @@ class DeltaMethod(ControlVariate):
         return Control(control, expansion.expectation)
 
     @staticmethod
-    def expand(f: Callable[[Tensor], Tensor], dist: Distribution) -> QuadraticExpansion:
+    def expand(
+        f: Callable[[Tensor], Tensor], dist: Distribution, *, order: int = 2
+    ) -> QuadraticExpansion:
         r"""Second-order Taylor expansion of ``f`` (summed over its outputs) at ``dist.mean``.
 
         Gradient and Hessian come from ``torch.func`` on the flattened sample.
@@ -294,6 +318,7 @@ class DeltaMethod(ControlVariate):
         Args:
             f: cost, samples ``(S, *batch, *event)`` -> ``(S, *T)``.
             dist: the distribution whose mean is the expansion point.
+            order: 2, or 1 for the linear expansion (no Hessian).
 
         Returns:
             the :class:`QuadraticExpansion`, detached from any autograd graph.
@@ -302,11 +327,11 @@ class DeltaMethod(ControlVariate):
             ValueError: if autograd cannot differentiate ``f`` twice, or the value, gradient or
                 Hessian is not finite, or the distribution has no usable mean.
         """
-        return DeltaMethod._expand(f, dist)[0]
+        return DeltaMethod._expand(f, dist, order)[0]
 
     @staticmethod
     def _expand(
-        f: Callable[[Tensor], Tensor], dist: Distribution
+        f: Callable[[Tensor], Tensor], dist: Distribution, order: int = 2
     ) -> tuple[QuadraticExpansion, Tensor]:
         """The expansion of ``f`` summed, and ``f`` at the point (``(*T,)``, not summed)."""
         shape = dist.batch_shape + dist.event_shape
@@ -327,8 +352,12 @@ class DeltaMethod(ControlVariate):
             g, (_, values) = grad_and_value(total, has_aux=True)(z)
             return g, (g, values)
 
+        hess: Tensor | None = None
         try:  # value, gradient and Hessian in one forward-over-reverse pass
-            hess, (grad_point, values) = jacfwd(gradient, has_aux=True)(point)
+            if order == 1:
+                grad_point, (_, values) = grad_and_value(total, has_aux=True)(point)
+            else:
+                hess, (grad_point, values) = jacfwd(gradient, has_aux=True)(point)
         except (RuntimeError, TypeError) as error:
             raise ValueError(
                 "the delta method needs f to be twice differentiable in x by torch autograd "
@@ -336,8 +365,10 @@ class DeltaMethod(ControlVariate):
                 f"broadcasting over a leading sample dimension); differentiating f failed: "
                 f"{error}. Use a baseline from gradkit.baselines for such f"
             ) from error
-        values, grad_point, hess = values.detach(), grad_point.detach(), hess.detach()
-        parts = {"value": values, "gradient": grad_point, "Hessian": hess}
+        values, grad_point = values.detach(), grad_point.detach()
+        parts = {"value": values, "gradient": grad_point}
+        if hess is not None:
+            hess = parts["Hessian"] = hess.detach()
         bad = [name for name, part in parts.items() if not bool(torch.isfinite(part).all())]
         if bad:
             raise ValueError(

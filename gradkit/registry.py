@@ -582,6 +582,12 @@ def apply_control_variate(
     out = {}
     for name, g in rows.items():
         h = h_rows[name] - expected[name]
+        # An element whose control rows equal their expectation up to rounding (a linear
+        # expansion's measure-valued difference is constant) carries no control: zero it, or an
+        # estimated coefficient would regress g on the rounding noise and turn it into a bias.
+        scale = torch.maximum(h_rows[name].abs().amax(0), expected[name].abs())
+        noise = 100 * torch.finfo(h.dtype).eps * scale
+        h = torch.where((h.abs() <= noise).all(0), torch.zeros_like(h), h)
         out[name] = g - control_variate.coefficient_for(g, h) * h
     return out
 
