@@ -101,7 +101,9 @@ def test_logit_gradient_is_unbiased(model, docs, method):
         assert estimator.baseline.steps == 3  # measuring left the average untouched
 
 
-@pytest.mark.parametrize("method", ["none", "ema", "learned", "loo", "straight_through"])
+@pytest.mark.parametrize(
+    "method", ["none", "ema", "learned", "loo", "linear_cv", "straight_through"]
+)
 def test_the_documents_are_declared_a_plate(model, docs, method, monkeypatch):
     monkeypatch.setattr(gk.registry, "_hinted", set())  # the hint is issued once per process
     estimator = make_estimator(method, docs)
@@ -136,10 +138,12 @@ def test_decoder_gets_ordinary_unbiased_gradient(model, docs, method):
 def test_baselines_reduce_variance(model, docs):
     variance = {
         m: topic.encoder_gradient_variance(model, make_estimator(m, docs), docs, replicates=200)
-        for m in ["none", "loo", "local_expectation"]
+        for m in ["none", "loo", "linear_cv", "local_expectation"]
     }
     assert variance["loo"] < variance["none"] / 10
     assert variance["local_expectation"] < variance["loo"]
+    # the control variate that depends on z removes what the baseline cannot
+    assert variance["linear_cv"] < variance["loo"] / 10
 
 
 def test_moving_average_is_kept_in_nats_whatever_the_loss_scale(model, docs):
@@ -286,6 +290,8 @@ def test_estimator_errors(model, docs):
         topic.GradientEstimator("reinforce", 4)
     with pytest.raises(ValueError, match="leave-one-out baseline needs num_samples >= 2"):
         topic.GradientEstimator("loo", 1)
+    with pytest.raises(ValueError, match="leave-one-out baseline needs num_samples >= 2"):
+        topic.GradientEstimator("linear_cv", 1)
     with pytest.raises(ValueError, match="needs vocab_size="):
         topic.GradientEstimator("learned", 4)
     with pytest.raises(ValueError, match="num_samples must be a positive int"):
@@ -309,7 +315,9 @@ def test_training_errors(model, docs):
         topic.train(model, docs[:, :5], docs, "loo")
     with pytest.raises(ValueError, match=r"unknown methods \['sgd'\]"):
         topic.compare_estimators(docs, docs, ["sgd"], [0], model_options={"num_factors": K})
-    fig_ax = matplotlib.pyplot.subplots()[1]
+    import matplotlib.pyplot as plt
+
+    fig_ax = plt.subplots()[1]
     with pytest.raises(ValueError, match="key must be 'train_elbo'"):
         topic.plot_curves({}, "loss", fig_ax)
 
