@@ -71,6 +71,33 @@ def test_elbo_matches_enumeration(model, docs):
         assert model.elbo(docs, num_samples=8).shape == (5,)
 
 
+def test_the_two_forms_of_the_elbo_and_the_sampled_one_are_unbiased(model, docs):
+    # log p(x|z) - KL, log p(x, z) + H(q) and log p(x, z) - log q(z): the same mean
+    torch.manual_seed(3)
+    rows = model.elbo_samples(docs, 20_000)
+    assert set(rows) == {"likelihood − KL", "joint + entropy", "joint − log q"}
+    exact, _ = enumerate_elbo(model, docs)
+    for form, values in rows.items():
+        assert values.shape == (20_000, len(docs)), form
+        assert_unbiased(values, exact.detach(), atol=1e-4)
+    # and row by row, from the same draws, with entropy and KL summed over the 2**k states
+    torch.manual_seed(4)
+    rows = model.elbo_samples(docs, 50)
+    torch.manual_seed(4)
+    with torch.no_grad():
+        q = model.posterior(docs)
+        z = q.sample((50,))
+        states = torch.tensor(list(itertools.product([0.0, 1.0], repeat=K)))
+        log_q_states = q.log_prob(states[:, None, :])  # (2**k, B)
+        entropy = -(log_q_states.exp() * log_q_states).sum(0)
+        kl = (log_q_states.exp() * (log_q_states - model.prior().log_prob(states)[:, None])).sum(0)
+        log_lik = model.log_likelihood(docs, z)
+        log_joint = log_lik + model.prior().log_prob(z)
+    torch.testing.assert_close(rows["likelihood − KL"], log_lik - kl)
+    torch.testing.assert_close(rows["joint + entropy"], log_joint + entropy)
+    torch.testing.assert_close(rows["joint − log q"], log_joint - q.log_prob(z))
+
+
 def test_kl_matches_enumeration(model, docs):
     logits = model.logits(docs)
     states = torch.tensor(list(itertools.product([0.0, 1.0], repeat=K)))

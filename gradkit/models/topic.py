@@ -232,6 +232,37 @@ class BernoulliTopicModel(nn.Module):
         z = Independent(Bernoulli(logits=logits), 1).sample((num_samples,))
         return self.log_likelihood(docs, z).mean(0) - self.kl(logits)
 
+    @torch.no_grad()
+    def elbo_samples(self, docs: Tensor, num_samples: int) -> dict[str, Tensor]:
+        r"""Per-sample estimates of the ELBO in its two forms, and with nothing in closed form.
+
+        With :math:`z_s \sim q_\lambda(z \mid x)`, the three rows of sample :math:`s` are
+
+        * ``"likelihood − KL"``: :math:`\log p_\theta(x \mid z_s) - \mathrm{KL}(q \,\|\, p)`;
+        * ``"joint + entropy"``: :math:`\log p_\theta(x, z_s) + \mathbb{H}(q)`;
+        * ``"joint − log q"``: :math:`\log p_\theta(x, z_s) - \log q_\lambda(z_s \mid x)`,
+
+        the KL and the entropy in closed form. All three have the ELBO as their mean (the
+        forms differ by :math:`\mathbb{E}_q[\log p(z)] + \mathbb{H}(q) + \mathrm{KL} = 0`);
+        they differ in variance.
+
+        Args:
+            docs: counts ``(*B, V)``.
+            num_samples: samples of z per document.
+
+        Returns:
+            dict form -> ``(num_samples, *B)``.
+        """
+        q = self.posterior(docs)
+        z = q.sample((num_samples,))
+        log_lik = self.log_likelihood(docs, z)
+        log_joint = log_lik + self.prior().log_prob(z)
+        return {
+            "likelihood − KL": log_lik - self.kl(q.base_dist.logits),
+            "joint + entropy": log_joint + q.entropy(),
+            "joint − log q": log_joint - q.log_prob(z),
+        }
+
     def expected_log_likelihood_exact(self, docs: Tensor, logits: Tensor) -> Tensor:
         r""":math:`\mathbb{E}_q[\log p_\theta(x \mid z)] = \sum_z q(z)\log p_\theta(x \mid z)` over
         all :math:`2^k` states; differentiable in ``logits`` (shape ``(*B, k)``) and
