@@ -332,6 +332,9 @@ def test_smoke_training_raises_the_elbo(estimator, num_samples, options):
     assert last["train_elbo"] > first["train_elbo"] + 5.0, history
     assert last["test_elbo"] > first["test_elbo"] + 5.0, history
     assert last["seconds"] > 0 and last["images_per_second"] > 0
+    # the median of the epoch's 8 steps is positive and below their total
+    assert math.isnan(first["median_step_seconds"])
+    assert 0 < last["median_step_seconds"] < last["seconds"]
 
 
 def test_training_rejects_bad_arguments():

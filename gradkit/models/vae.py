@@ -24,6 +24,7 @@ always gets its ordinary gradient.
 
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Any
 
@@ -349,7 +350,9 @@ def train_vae(
     Returns:
         one record per epoch (epoch 0 is before training) with keys ``epoch``,
         ``train_elbo``, ``test_elbo`` (NaN without ``test``), ``seconds`` (training time of
-        the epoch) and ``images_per_second``.
+        the epoch), ``images_per_second`` and ``median_step_seconds`` (the median time of the
+        epoch's steps, NaN for epoch 0: unlike the total, it is not moved by a burst of load
+        from other processes on a shared machine).
 
     Raises:
         ValueError: for a bad size or an unknown estimator.
@@ -372,23 +375,28 @@ def train_vae(
     generator = torch.Generator().manual_seed(seed)
     steps_per_epoch = -(-len(train) // batch_size)
 
-    def record(epoch: int, seconds: float) -> dict[str, float]:
+    def record(epoch: int, step_seconds: list[float]) -> dict[str, float]:
+        seconds = sum(step_seconds)
         return {
             "epoch": epoch,
             "train_elbo": evaluate_elbo(model, train),
             "test_elbo": evaluate_elbo(model, test) if test is not None else float("nan"),
             "seconds": seconds,
             "images_per_second": len(train) / seconds if seconds > 0 else float("nan"),
+            "median_step_seconds": statistics.median(step_seconds)
+            if step_seconds
+            else float("nan"),
         }
 
-    history = [record(0, 0.0)]
+    history = [record(0, [])]
     bar = tqdm(
         total=epochs * steps_per_epoch, desc=estimator, disable=not progress, mininterval=5.0
     )
     for epoch in range(1, epochs + 1):
         order = torch.randperm(len(train), generator=generator).to(train.device)
-        start = time.perf_counter()
+        step_seconds = []
         for index in order.split(batch_size):
+            start = time.perf_counter()
             training_step(
                 model,
                 optimizer,
@@ -397,8 +405,11 @@ def train_vae(
                 num_samples=num_samples,
                 **options,
             )
+            if train.is_cuda:  # kernels run asynchronously: time the work, not its launch
+                torch.cuda.synchronize(train.device)
+            step_seconds.append(time.perf_counter() - start)
             bar.update()
-        history.append(record(epoch, time.perf_counter() - start))
+        history.append(record(epoch, step_seconds))
         bar.set_postfix(train_elbo=f"{history[-1]['train_elbo']:.1f}")
     bar.close()
     return history
