@@ -217,6 +217,7 @@ def variance_standard_error(values: Tensor, dim: int = 0) -> Tensor:
         dtype if wider.
 
     Raises:
+        TypeError: if ``values`` is not a tensor.
         ValueError: for fewer than 2 values along ``dim``.
 
     Example:

@@ -59,6 +59,16 @@ def _check(threshold: float, num_samples: int) -> None:
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
 
 
+def _standard_draws(
+    theta: Tensor, num_samples: int, threshold: float, generator: torch.Generator | None
+) -> Tensor:
+    """``num_samples`` standard normal draws per element of ``theta``, on its device and dtype."""
+    _check(threshold, num_samples)
+    return torch.randn(
+        (*theta.shape, num_samples), generator=generator, dtype=theta.dtype, device=theta.device
+    )
+
+
 def _log_weight(x: Tensor, theta: Tensor) -> Tensor:
     """log p(x) - log q_theta(x) for p = N(0, 1), q_theta = N(theta, 1)."""
     return -theta * x + theta**2 / 2
@@ -129,11 +139,7 @@ def from_proposal(
     Raises:
         ValueError: for a bad ``num_samples`` or ``threshold``.
     """
-    _check(threshold, num_samples)
-    eps = torch.randn(
-        (*theta.shape, num_samples), generator=generator, dtype=theta.dtype, device=theta.device
-    )
-    x = theta.unsqueeze(-1) + eps
+    x = theta.unsqueeze(-1) + _standard_draws(theta, num_samples, threshold, generator)
     inside = (x > threshold).to(theta.dtype)
     return (torch.exp(2 * _log_weight(x, theta.unsqueeze(-1))) * inside).mean(-1)
 
@@ -160,10 +166,7 @@ def from_target(
     Raises:
         ValueError: for a bad ``num_samples`` or ``threshold``.
     """
-    _check(threshold, num_samples)
-    y = torch.randn(
-        (*theta.shape, num_samples), generator=generator, dtype=theta.dtype, device=theta.device
-    )
+    y = _standard_draws(theta, num_samples, threshold, generator)
     inside = (y > threshold).to(theta.dtype)
     return (torch.exp(_log_weight(y, theta.unsqueeze(-1))) * inside).mean(-1)
 
