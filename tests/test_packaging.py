@@ -135,3 +135,12 @@ def test_wheel_installs_in_a_clean_venv_and_runs_the_readme_example(wheel, tmp_p
     assert torch_version.split("+")[0] == TORCH
     example = readme_example() + "\nassert encoder.weight.grad is not None\nprint('ok')\n"
     assert _run([python, "-c", example], cwd=tmp_path).stdout.strip() == "ok"
+    # every module of the library imports without the extras (they are imported where used)
+    walk = (
+        "import importlib, pkgutil, gradkit\n"
+        "names = [m.name for m in pkgutil.walk_packages(gradkit.__path__, 'gradkit.')]\n"
+        "for name in names: importlib.import_module(name)\n"
+        "print(len(names))"
+    )
+    imported = int(_run([python, "-c", walk], cwd=tmp_path).stdout.strip())
+    assert imported == len(list((ROOT / "gradkit").rglob("*.py"))) - 1  # all but gradkit/
