@@ -15,7 +15,7 @@ import scipy.integrate
 import scipy.stats
 import torch
 
-from gradkit.models import tail_sampling as ts
+from compendium import tail_sampling as ts
 from gradkit.sampling import common_random_numbers
 from tests.stats import Z, assert_unbiased, z_scores
 

@@ -1,5 +1,8 @@
 r"""Tuning a Monte Carlo algorithm through its own estimate: importance sampling of a tail.
 
+Chapter support for the comparison chapter's section on common random numbers; it lives with
+the compendium, not in the library, and uses only gradkit's public API.
+
 The probability :math:`I = P(x > a)` of :math:`x \sim \mathcal N(0, 1)` is estimated by
 importance sampling from the shifted proposal :math:`q_\theta = \mathcal N(\theta, 1)`, with
 weights :math:`w(x;\theta) = p(x)/q_\theta(x) = e^{-\theta x + \theta^2/2}`. The estimate's
@@ -89,7 +92,7 @@ def second_moment(theta: Tensor, threshold: float = 3.0) -> Tensor:
 
     Example:
         >>> import torch
-        >>> from gradkit.models.tail_sampling import second_moment
+        >>> from compendium.tail_sampling import second_moment
         >>> round(float(second_moment(torch.tensor(0.0, dtype=torch.float64))), 10)  # P(x > 3)
         0.001349898
     """
@@ -186,7 +189,7 @@ def optimal_shift(threshold: float = 3.0) -> float:
     the root is unique; it is found by bisection to float64 precision.
 
     Example:
-        >>> from gradkit.models.tail_sampling import optimal_shift
+        >>> from compendium.tail_sampling import optimal_shift
         >>> round(optimal_shift(3.0), 4)
         3.1548
     """
