@@ -104,8 +104,8 @@ def jump_term(theta: Tensor, threshold: float = 3.0) -> Tensor:
 
     With :math:`x = \theta + \epsilon`, the estimate is :math:`\int_{a - \theta}^\infty
     w(\theta + \epsilon; \theta)^2 \varphi(\epsilon)\, d\epsilon` in expectation; moving the
-    lower limit contributes :math:`w(a;\theta)^2\varphi(a - \theta)`, which no sample's
-    derivative contains.
+    lower limit contributes :math:`w(a;\theta)^2\varphi(a - \theta) = e^{\theta^2}\varphi(a +
+    \theta)`, which no sample's derivative contains.
 
     Args:
         theta: the proposal's shift, any shape, floating.
@@ -186,7 +186,7 @@ def optimal_shift(threshold: float = 3.0) -> float:
     \varphi(a + \theta)/\bar\Phi(a + \theta)`.
 
     :math:`\log M` is convex in :math:`\theta` (the inverse Mills ratio has slope below 1), so
-    the root is unique; it is found by bisection to float64 precision.
+    the root is unique; it is found by Brent's method to float64 precision.
 
     Example:
         >>> from compendium.tail_sampling import optimal_shift

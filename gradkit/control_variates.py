@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import abc
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
@@ -258,12 +259,16 @@ class DeltaMethod(ControlVariate):
                 f"coefficient must be a finite real number or None (estimate it), got "
                 f"{coefficient!r}; e.g. DeltaMethod(coefficient=1.0)"
             )
-        if isinstance(order, bool) or not isinstance(order, int) or order not in (1, 2):
+        if (
+            isinstance(order, bool)
+            or not isinstance(order, numbers.Integral)
+            or order not in (1, 2)
+        ):
             raise ValueError(
                 f"order must be 1 (a linear expansion) or 2 (quadratic), got {order!r}"
             )
         self.coefficient = coefficient
-        self.order = order
+        self.order = int(order)
 
     def control(self, problem: Problem) -> Control:
         """The quadratic expansion of the call's (contracted) signal at the mean.
@@ -311,7 +316,8 @@ class DeltaMethod(ControlVariate):
     def expand(
         f: Callable[[Tensor], Tensor], dist: Distribution, *, order: int = 2
     ) -> QuadraticExpansion:
-        r"""Second-order Taylor expansion of ``f`` (summed over its outputs) at ``dist.mean``.
+        r"""Taylor expansion of ``f`` (summed over its outputs) at ``dist.mean``: second order,
+        or first with ``order=1``.
 
         Gradient and Hessian come from ``torch.func`` on the flattened sample.
 
@@ -353,6 +359,7 @@ class DeltaMethod(ControlVariate):
             return g, (g, values)
 
         hess: Tensor | None = None
+        times = "once" if order == 1 else "twice"
         try:  # value, gradient and Hessian in one forward-over-reverse pass
             if order == 1:
                 grad_point, (_, values) = grad_and_value(total, has_aux=True)(point)
@@ -360,7 +367,7 @@ class DeltaMethod(ControlVariate):
                 hess, (grad_point, values) = jacfwd(gradient, has_aux=True)(point)
         except (RuntimeError, TypeError) as error:
             raise ValueError(
-                "the delta method needs f to be twice differentiable in x by torch autograd "
+                f"the delta method needs f to be {times} differentiable in x by torch autograd "
                 "(torch operations only, no .item(), .numpy() or in-place writes to x, and "
                 f"broadcasting over a leading sample dimension); differentiating f failed: "
                 f"{error}. Use a baseline from gradkit.baselines for such f"
@@ -373,6 +380,6 @@ class DeltaMethod(ControlVariate):
         if bad:
             raise ValueError(
                 f"the Taylor expansion of f at the mean has non-finite {', '.join(bad)}; f must "
-                "be finite and twice differentiable at dist.mean (e.g. no log at 0 there)"
+                f"be finite and {times} differentiable at dist.mean (e.g. no log at 0 there)"
             )
         return QuadraticExpansion(point, values.sum(), grad_point, hess, shape), values

@@ -120,9 +120,10 @@ class GradientSummary:
 
 
 def _ratio(bias: Tensor, se: Tensor) -> Tensor:
-    """``bias / se``, with ``0`` or ``±inf`` where the standard error is zero."""
+    """``bias / se``, with ``0`` or ``±inf`` where the standard error is zero (NaN stays NaN)."""
     exact_zero = torch.where(bias == 0, 0.0, torch.copysign(torch.full_like(bias, torch.inf), bias))
-    return torch.where(se > 0, bias / se.clamp_min(torch.finfo(se.dtype).tiny), exact_zero)
+    ratio = torch.where(se > 0, bias / se.clamp_min(torch.finfo(se.dtype).tiny), exact_zero)
+    return torch.where(bias.isnan() | se.isnan(), torch.nan, ratio)
 
 
 def _moments(estimates: Tensor) -> _Moments:
@@ -336,7 +337,9 @@ def results_table(
         exact: optional dict row key -> exact value (broadcastable to the entry's ``shape``);
             rows left out get no comparison (``NaN``).
         variance: add the columns ``per-sample variance`` and ``variance s.e.``.
-        index: names of the index levels (a string for a single level).
+        index: names of the index levels (a string for a single level); when entries have
+            more than one element, the element level is named ``"element"`` unless ``index``
+            names it too.
 
     Returns:
         a :class:`pandas.DataFrame` with the columns ``exact``, ``mean``, ``standard error``,
@@ -345,8 +348,10 @@ def results_table(
     Raises:
         ImportError: without pandas (``pip install pandas``).
         TypeError: if ``estimates`` is not a dict of tensors.
-        ValueError: for an empty ``estimates``, fewer than 2 values in an entry, ``exact``
-            keys with no estimates, or an exact value that does not broadcast.
+        ValueError: for an empty ``estimates``, keys that mix tuples of different lengths
+            (or tuples and plain keys), fewer than 2 values in an entry, ``exact`` keys with
+            no estimates, an exact value that does not broadcast, or ``index`` names that do
+            not match the levels.
 
     Example:
         >>> import torch, gradkit as gk
@@ -373,6 +378,12 @@ def results_table(
         raise ValueError(
             f"exact has key(s) {unknown} with no estimates; the estimates have {list(estimates)}"
         )
+    lengths = {len(key) if isinstance(key, tuple) else 0 for key in estimates}
+    if len(lengths) > 1:
+        raise ValueError(
+            "the keys of estimates must all be tuples of one length (a multi-level index) or "
+            f"all plain keys, got {list(estimates)}"
+        )
     rows: list[tuple[Any, Any, dict[str, float]]] = []
     for key, values in estimates.items():
         sample = _wide(_check_sample(values, 0, f"results_table[{key!r}]"))
@@ -395,7 +406,8 @@ def results_table(
             rows.append((key, element if shape else None, {n: flat[n][i] for n in flat}))
     order = ["exact", "mean", "standard error", "z", "per-sample variance", "variance s.e."]
     keys = [key if isinstance(key, tuple) else (key,) for key, _, _ in rows]
-    if any(element is not None for _, element, _ in rows):  # one more level, the element
+    has_element = any(element is not None for _, element, _ in rows)
+    if has_element:  # one more level, the element
         keys = [(*k, "" if e is None else e) for k, (_, e, _) in zip(keys, rows, strict=True)]
     table = pd.DataFrame(
         [record for _, _, record in rows],
@@ -403,7 +415,16 @@ def results_table(
     )
     table = table[[c for c in order if c in table.columns]].astype("float64")
     if index is not None:
-        table.index.names = [index] if isinstance(index, str) else list(index)
+        names = [index] if isinstance(index, str) else list(index)
+        levels = table.index.nlevels
+        if has_element and len(names) == levels - 1:
+            names.append("element")
+        if len(names) != levels:
+            raise ValueError(
+                f"index names {names} do not match the table's {levels} index level(s) (the "
+                "keys' levels, and one for the element when entries have several)"
+            )
+        table.index.names = names
     return table
 
 

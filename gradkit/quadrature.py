@@ -684,7 +684,7 @@ def plot_variance_study(
         x: the records' key on the horizontal axis (``"value"`` for a parameter sweep).
         xlabel: its label.
         xscale: its matplotlib scale (``"log"`` for a sweep of :math:`\sigma`).
-        title: each column's title, formatted with ``cost``.
+        title: each column's title; ``{cost}`` in it is replaced by the cost's name.
 
     Returns:
         the matplotlib figure.
@@ -745,7 +745,7 @@ def plot_variance_study(
             symbol = r"\mu" if param == "loc" else r"\sigma"
             ax.set_ylabel(rf"variance of $\partial_{symbol}$ estimate")
             if row == 0:
-                ax.set_title(title.format(cost=cost))
+                ax.set_title(title.replace("{cost}", cost))
             else:
                 ax.set_xlabel(xlabel)
     handles, labels = axes[0, 0].get_legend_handles_labels()

@@ -585,6 +585,8 @@ def apply_control_variate(
         # An element whose control rows equal their expectation up to rounding (a linear
         # expansion's measure-valued difference is constant) carries no control: zero it, or an
         # estimated coefficient would regress g on the rounding noise and turn it into a bias.
+        # The cut is 100 eps of the control's size (about 1e-5 in float32): a control that
+        # varies less than that is dropped, which stays unbiased.
         scale = torch.maximum(h_rows[name].abs().amax(0), expected[name].abs())
         noise = 100 * torch.finfo(h.dtype).eps * scale
         h = torch.where((h.abs() <= noise).all(0), torch.zeros_like(h), h)

@@ -165,10 +165,11 @@ def compare_schemes(
     return table
 
 
-def _global_states(device: torch.device) -> list[Tensor]:
+def _global_states() -> list[Tensor]:
+    """The states of torch's global generators: the CPU's and every initialised CUDA device's."""
     states = [torch.random.get_rng_state()]
-    if device.type == "cuda" and torch.cuda.is_initialized():
-        states.append(torch.cuda.get_rng_state(device))
+    if torch.cuda.is_initialized():
+        states += torch.cuda.get_rng_state_all()
     return states
 
 
@@ -183,8 +184,9 @@ def common_random_numbers(
     function of its arguments that autograd differentiates and an optimiser can minimise.
     ``fn`` must take every draw from the generator it is given (``torch.randn(...,
     generator=generator)``, ``gk.pathwise(..., generator=generator)``, the samplers of
-    :mod:`gradkit.sampling`); a call that moves torch's global generator raises, because
-    those draws would not be held fixed.
+    :mod:`gradkit.sampling`); a call that moves torch's global generators (the CPU's, or an
+    initialised CUDA device's) raises, because those draws would not be held fixed. The one
+    draw it cannot see is on a CUDA device whose context the call itself creates.
 
     **What the gradient estimates.** For fixed draws :math:`u`, autograd returns
     :math:`\nabla_\theta \hat S(\theta; u)`, the derivative of the algorithm's output along
@@ -236,9 +238,10 @@ def common_random_numbers(
                 "common_random_numbers passes generator= itself; do not pass one to the call"
             )
         generator = torch.Generator(device=where).manual_seed(seed)
-        before = _global_states(where)
+        before = _global_states()
         out = fn(*args, generator=generator, **kwargs)
-        after = _global_states(where)
+        after = _global_states()
+        # a CUDA context created within the call adds states that cannot be compared
         if any(not torch.equal(a, b) for a, b in zip(before, after, strict=False)):
             raise RuntimeError(
                 "fn drew from torch's global random number generator, whose draws are not held "

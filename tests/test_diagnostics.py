@@ -436,3 +436,18 @@ def test_results_table_errors():
         gk.diagnostics.results_table({"a": torch.zeros(1)})
     with pytest.raises(TypeError, match="torch.Tensor"):
         gk.diagnostics.results_table({"a": [1.0, 2.0]})
+    with pytest.raises(ValueError, match="all be tuples of one length"):
+        gk.diagnostics.results_table({"a": rows, ("b", "c"): rows})
+    with pytest.raises(ValueError, match=r"index names \['x', 'y'\] do not match"):
+        gk.diagnostics.results_table({"a": rows}, index=["x", "y"])
+
+
+def test_results_table_names_the_element_level_and_keeps_nan():
+    rows = torch.randn(50, 3, generator=torch.Generator().manual_seed(6))
+    table = gk.diagnostics.results_table({"a": rows}, index="estimate")
+    assert table.index.names == ["estimate", "element"]
+    assert gk.diagnostics.results_table({"a": rows[:, 0]}, index="e").index.names == ["e"]
+    rows[4, 1] = math.nan  # a NaN estimate gives a NaN z, not a confident infinity
+    z = gk.diagnostics.z_score(rows, 0.0)
+    assert math.isnan(z[1]) and not z[[0, 2]].isnan().any()
+    assert math.isnan(gk.diagnostics.z_score(torch.full((3,), math.nan), 0.0))

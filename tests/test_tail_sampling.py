@@ -65,6 +65,8 @@ def test_jump_term_is_what_the_moving_samples_miss(theta):
     interior = scipy.integrate.quad(integrand, A - theta, math.inf, epsabs=1e-16)[0]
     jump = ts.jump_term(torch.tensor(theta, dtype=torch.float64), A).item()
     assert interior + jump == pytest.approx(_slope(theta), rel=1e-8, abs=1e-15)
+    closed = math.exp(theta**2) * scipy.stats.norm.pdf(A + theta)  # the docstring's closed form
+    assert jump == pytest.approx(closed, rel=1e-12)
 
 
 def _fixed_draw_rows(algorithm, theta, num_samples, repeats, seed):

@@ -353,7 +353,8 @@ class GradientEstimator(nn.Module):
       (z - \psi)` of :math:`f = \log p_\theta(x \mid \cdot)` at the mean :math:`\psi`, whose
       expectation :math:`f(\psi)` is known (MuProp, Gu et al. 2016): the score function runs on
       the residual :math:`f - \tilde f` with the leave-one-out baseline, and
-      :math:`\nabla_\lambda \mathbb{E}_q[\tilde f] = \psi(1-\psi)\nabla f(\psi)` is added
+      :math:`\nabla_\ell \mathbb{E}_q[\tilde f] = \psi(1-\psi)\nabla f(\psi)` (with respect
+      to the logits :math:`\ell`) is added
       back (:class:`gradkit.control_variates.DeltaMethod` with ``order=1`` and coefficient 1,
       MuProp's choice: a coefficient estimated from three other samples per coordinate is
       too noisy here). One extra gradient of the decoder per step.
