@@ -231,7 +231,7 @@ def gradient_table(
         device: where the draws are made.
 
     Returns:
-        a :class:`pandas.DataFrame` indexed by (θ, algorithm), with the columns of
+        a pandas DataFrame indexed by (θ, algorithm), with the columns of
         :func:`~gradkit.diagnostics.results_table` and ``jump term``.
     """
     estimates, exact, jumps = {}, {}, {}

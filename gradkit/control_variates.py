@@ -268,7 +268,7 @@ class DeltaMethod(ControlVariate):
                 f"order must be 1 (a linear expansion) or 2 (quadratic), got {order!r}"
             )
         self.coefficient = coefficient
-        self.order = int(order)
+        self.order: int = int(order)
 
     def control(self, problem: Problem) -> Control:
         """The quadratic expansion of the call's (contracted) signal at the mean.

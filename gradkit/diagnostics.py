@@ -342,7 +342,7 @@ def results_table(
             names it too.
 
     Returns:
-        a :class:`pandas.DataFrame` with the columns ``exact``, ``mean``, ``standard error``,
+        a pandas DataFrame with the columns ``exact``, ``mean``, ``standard error``,
         ``z`` (and the variance columns), in float64.
 
     Raises:
