@@ -11,6 +11,7 @@ import torch
 from torch.distributions import Normal, Poisson
 
 import gradkit as gk
+from compendium import program_studies as studies
 from gradkit import stochastic_ad as sad
 from gradkit.models import programs
 from tests.stats import assert_unbiased
@@ -470,7 +471,7 @@ def test_registered_estimator_refuses_continuous_distributions():
 
 
 def test_single_draw_table_and_variance_by_length_are_unbiased():
-    table = programs.single_draw_table(num_samples=4000, generator=_g(18))
+    table = studies.single_draw_table(num_samples=4000, generator=_g(18))
     unbiased = table[~table.estimator.str.contains("biased")]
     assert (unbiased.z.abs() < 4.5).all(), unbiased
     assert set(table.estimator) == {
@@ -479,7 +480,7 @@ def test_single_draw_table_and_variance_by_length_are_unbiased():
         "score_function (LOO)",
         "measure_valued",
     }
-    walk = programs.variance_by_length([5, 10], num_samples=4000, generator=_g(19))
+    walk = studies.variance_by_length([5, 10], num_samples=4000, generator=_g(19))
     assert (walk[walk.estimator == "stochastic_ad"].z.abs() < 4.5).all()
     assert math.isclose(walk.theta.iloc[0], 10.0)
 
