@@ -16,6 +16,7 @@ import torch
 from torch.distributions import Bernoulli, Multinomial
 
 import gradkit as gk
+from compendium import topic_studies
 from gradkit.data import reuters
 from gradkit.models import topic
 from tests.stats import Z, assert_unbiased
@@ -231,28 +232,30 @@ def test_float64_and_device_are_kept(docs):
 
 
 def test_compare_estimators_and_plots(docs):
-    runs = topic.compare_estimators(
+    runs = topic_studies.compare_estimators(
         docs, docs, ["learned", "straight_through"], [0, 1], steps=4, eval_every=2,
         variance_every=2, replicates=3, progress=False, model_options={"num_factors": K},
         method_options={"learned": {"num_samples": 2}},
     )  # fmt: skip
     assert [len(r) for r in runs.values()] == [2, 2]
     assert runs["learned"][0].eval_steps == [0, 2, 4]
-    stats = topic.run_summary(runs)
+    stats = topic_studies.run_summary(runs)
     finals = torch.tensor([r.test_elbo[-1] for r in runs["learned"]], dtype=torch.float64)
     assert stats["learned"]["test_elbo"] == pytest.approx(float(finals.mean()))
     assert stats["learned"]["test_elbo_sd"] == pytest.approx(float(finals.std()))
     wall = sum(r.wall_time for r in runs["learned"])
     assert stats["learned"]["ms_per_step"] == pytest.approx(1000 * wall / 8)
     with pytest.raises(ValueError, match="'loo' has no runs"):
-        topic.run_summary({"loo": []})
+        topic_studies.run_summary({"loo": []})
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots()
-    topic.plot_curves(runs, "test_elbo", ax)
-    topic.plot_curves(runs, "grad_variance", ax, log=True)
+    topic_studies.plot_curves(runs, "test_elbo", ax)
+    topic_studies.plot_curves(runs, "grad_variance", ax, log=True)
     assert ax.get_yscale() == "log" and len(ax.lines) == 4
-    fig = topic.plot_factor_words(runs["learned"][0].model, [f"w{i}" for i in range(V)], top=4)
+    fig = topic_studies.plot_factor_words(
+        runs["learned"][0].model, [f"w{i}" for i in range(V)], top=4
+    )
     assert len(fig.axes) == 4  # 3 factors in a row of 4 panels
     plt.close("all")
     words = topic.factor_words(runs["learned"][0].model, [f"w{i}" for i in range(V)], top=2)
@@ -341,12 +344,12 @@ def test_training_errors(model, docs):
     with pytest.raises(ValueError, match=r"docs must have shape \(num_docs, 12\)"):
         topic.train(model, docs[:, :5], docs, "loo")
     with pytest.raises(ValueError, match=r"unknown methods \['sgd'\]"):
-        topic.compare_estimators(docs, docs, ["sgd"], [0], model_options={"num_factors": K})
+        topic_studies.compare_estimators(docs, docs, ["sgd"], [0], model_options={"num_factors": K})
     import matplotlib.pyplot as plt
 
     fig_ax = plt.subplots()[1]
     with pytest.raises(ValueError, match="key must be 'train_elbo'"):
-        topic.plot_curves({}, "loss", fig_ax)
+        topic_studies.plot_curves({}, "loss", fig_ax)
 
 
 # --- data -----------------------------------------------------------------------------------
