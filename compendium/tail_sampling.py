@@ -217,8 +217,8 @@ def gradient_table(
     r"""Fixed-draw derivatives of both estimates of :math:`M` against the exact :math:`M'`.
 
     For every shift and algorithm, ``repeats`` independent fixed samples of ``num_samples``
-    draws each (one call of :func:`~gradkit.sampling.common_random_numbers`, the repeats
-    vectorised) give ``repeats`` derivatives by autograd, summarised by
+    draws each (one call of :func:`~gradkit.sampling.common_random_numbers` per algorithm, the
+    shifts and repeats vectorised) give ``repeats`` derivatives by autograd, summarised by
     :func:`gradkit.diagnostics.results_table` against :math:`M'(\theta)`, with the
     :func:`jump_term` beside them.
 
@@ -234,18 +234,24 @@ def gradient_table(
         a pandas DataFrame indexed by (θ, algorithm), with the columns of
         :func:`~gradkit.diagnostics.results_table` and ``jump term``.
     """
-    estimates, exact, jumps = {}, {}, {}
-    for theta in thetas:
-        at = torch.tensor(float(theta), dtype=torch.float64, device=device).requires_grad_()
-        (slope,) = torch.autograd.grad(second_moment(at, threshold), at)
-        for name, algorithm in ALGORITHMS.items():
-            fixed = common_random_numbers(algorithm, seed, device=device)
-            shifts = at.detach().expand(repeats).clone().requires_grad_()
-            (rows,) = torch.autograd.grad(fixed(shifts, num_samples, threshold).sum(), shifts)
-            estimates[float(theta), name], exact[float(theta), name] = rows, slope
-            jumps[float(theta), name] = float(jump_term(at.detach(), threshold))
+    at = torch.tensor([float(t) for t in thetas], dtype=torch.float64, device=device)
+    at.requires_grad_()
+    (slopes,) = torch.autograd.grad(second_moment(at, threshold).sum(), at)
+    derivatives = {}  # algorithm -> (shifts, repeats), all shifts in one call
+    for name, algorithm in ALGORITHMS.items():
+        shifts = at.detach()[:, None].expand(-1, repeats).clone().requires_grad_()
+        fixed = common_random_numbers(algorithm, seed, device=device)
+        (derivatives[name],) = torch.autograd.grad(
+            fixed(shifts, num_samples, threshold).sum(), shifts
+        )
+    values = at.detach().tolist()
+    estimates = {
+        (t, name): derivatives[name][i] for i, t in enumerate(values) for name in ALGORITHMS
+    }
+    exact = {(t, name): slopes[i] for i, t in enumerate(values) for name in ALGORITHMS}
     table = results_table(estimates, exact, variance=False, index=["θ", "algorithm"])
-    table["jump term"] = [jumps[key] for key in table.index]
+    jumps = dict(zip(values, jump_term(at.detach(), threshold).tolist(), strict=True))
+    table["jump term"] = [jumps[t] for t, _ in table.index]
     return table
 
 

@@ -384,7 +384,9 @@ def results_table(
             "the keys of estimates must all be tuples of one length (a multi-level index) or "
             f"all plain keys, got {list(estimates)}"
         )
-    rows: list[tuple[Any, Any, dict[str, float]]] = []
+    bases: list[tuple[Any, ...]] = []  # each row's key as a tuple
+    elements: list[Any] = []  # each row's position in its entry (None for a scalar entry)
+    records: list[dict[str, float]] = []
     for key, values in estimates.items():
         sample = _wide(_check_sample(values, 0, f"results_table[{key!r}]"))
         columns = {"mean": sample.mean(0), "standard error": standard_error(sample)}
@@ -402,16 +404,19 @@ def results_table(
             columns["variance s.e."] = variance_standard_error(sample)
         flat = {name: c.expand(shape).reshape(-1).cpu().tolist() for name, c in columns.items()}
         for i, position in enumerate(itertools.product(*map(range, shape))):
-            element = position[0] if len(position) == 1 else position
-            rows.append((key, element if shape else None, {n: flat[n][i] for n in flat}))
+            bases.append(key if isinstance(key, tuple) else (key,))
+            elements.append((position[0] if len(position) == 1 else position) if shape else None)
+            records.append({name: column[i] for name, column in flat.items()})
     order = ["exact", "mean", "standard error", "z", "per-sample variance", "variance s.e."]
-    keys = [key if isinstance(key, tuple) else (key,) for key, _, _ in rows]
-    has_element = any(element is not None for _, element, _ in rows)
-    if has_element:  # one more level, the element
-        keys = [(*k, "" if e is None else e) for k, (_, e, _) in zip(keys, rows, strict=True)]
+    has_element = any(e is not None for e in elements)
+    keys = (
+        [(*b, "" if e is None else e) for b, e in zip(bases, elements, strict=True)]
+        if has_element  # one more level, the element
+        else bases
+    )
     table = pd.DataFrame(
-        [record for _, _, record in rows],
-        index=pd.MultiIndex.from_tuples(keys) if max(map(len, keys)) > 1 else [k for (k,) in keys],
+        records,
+        index=pd.MultiIndex.from_tuples(keys) if len(keys[0]) > 1 else [k for (k,) in keys],
     )
     table = table[[c for c in order if c in table.columns]].astype("float64")
     if index is not None:

@@ -451,13 +451,12 @@ def _library_options(options: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _sample_variance(values: Tensor) -> tuple[float, float]:
-    """Sample variance (the second central moment) and its standard error."""
+def _sample_variance(values: Tensor) -> tuple[Tensor, Tensor]:
+    """Sample variance (the second central moment) along dim 0 and its standard error."""
     from gradkit.diagnostics import variance_standard_error
 
-    flat = values.reshape(-1).to(torch.float64)
-    v = (flat - flat.mean()).pow(2).mean()
-    return float(v), float(variance_standard_error(flat))
+    values = values.to(torch.float64)
+    return (values - values.mean(0)).pow(2).mean(0), variance_standard_error(values)
 
 
 def variance_study(
@@ -550,7 +549,8 @@ def variance_study(
                         ),
                     }
                     if sampled:
-                        row["mc"], row["mc_se"] = _sample_variance(sampled[param])
+                        mc, mc_se = _sample_variance(sampled[param].reshape(-1))
+                        row["mc"], row["mc_se"] = float(mc), float(mc_se)
                     records.append(row)
     return records
 
@@ -608,7 +608,7 @@ def parameter_sweep(
         >>> [(r["value"], r["param"], round(r["exact"], 10)) for r in rows]  # Var 2x = 4
         [(0.0, 'loc', 4.0), (0.0, 'scale', 8.0), (1.0, 'loc', 4.0), (1.0, 'scale', 12.0)]
     """
-    from gradkit.diagnostics import variance_standard_error, z_score
+    from gradkit.diagnostics import z_score
     from gradkit.registry import ESTIMATORS
 
     if vary not in ("loc", "scale"):
@@ -637,11 +637,11 @@ def parameter_sweep(
                     f, dist, num_samples, plate=True, **_library_options(options)
                 )
                 for p in ("loc", "scale"):
-                    centred = rows[p] - rows[p].mean(0)
+                    mc, mc_se = _sample_variance(rows[p])
                     exact_gradient = torch.tensor(gradients[p], dtype=torch.float64, device=device)
                     sampled[p] = {
-                        "mc": centred.pow(2).mean(0).tolist(),
-                        "mc_se": variance_standard_error(rows[p]).tolist(),
+                        "mc": mc.tolist(),
+                        "mc_se": mc_se.tolist(),
                         "mean": rows[p].mean(0).tolist(),
                         "z": z_score(rows[p], exact_gradient).tolist(),
                     }
