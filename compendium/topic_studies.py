@@ -8,6 +8,8 @@ model per estimator and seed (:func:`compare_estimators`), summarise the runs
 
 from __future__ import annotations
 
+import math
+import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -17,9 +19,9 @@ from torch import Tensor
 from gradkit.models.topic import (
     METHODS,
     BernoulliTopicModel,
-    TrainingRun,
     train,
 )
+from gradkit.models.training import History
 
 __all__ = ["compare_estimators", "plot_curves", "plot_factor_words", "run_summary"]
 
@@ -34,7 +36,7 @@ def compare_estimators(
     method_options: Mapping[str, Mapping[str, Any]] | None = None,
     progress: bool = True,
     **train_options: Any,
-) -> dict[str, list[TrainingRun]]:
+) -> dict[str, list[History]]:
     """Train a fresh model per method and seed (same initialisation for a given seed).
 
     ``model_options`` go to :class:`BernoulliTopicModel` (``vocab_size`` is taken from the
@@ -57,7 +59,7 @@ def compare_estimators(
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
-    runs: dict[str, list[TrainingRun]] = {m: [] for m in methods}
+    runs: dict[str, list[History]] = {m: [] for m in methods}
     jobs = [(m, s) for m in methods for s in seeds]
     for method, seed in tqdm(jobs, desc="runs", disable=not progress):
         torch.manual_seed(seed)
@@ -70,43 +72,46 @@ def compare_estimators(
     return runs
 
 
-def run_summary(runs: Mapping[str, Sequence[TrainingRun]]) -> dict[str, dict[str, float]]:
+def run_summary(runs: Mapping[str, Sequence[History]]) -> dict[str, dict[str, float]]:
     """One row of numbers per method, over its runs (seeds).
 
     Returns method -> ``test_elbo`` and ``test_elbo_sd`` (final held-out ELBO per token, mean
     and standard deviation over runs; sd 0 for one run), ``train_elbo`` (final, mean),
-    ``grad_variance`` (median over all measurements of all runs), ``wall_time`` (seconds per
-    run) and ``ms_per_step``.
+    ``grad_variance`` (median over all measurements of all runs), ``wall_time`` (training
+    seconds per run) and ``ms_per_step`` (the median step time over all runs' steps).
 
     Example:
-        >>> from gradkit.models.topic import TrainingRun
+        >>> from gradkit.models.training import History
         >>> from compendium.topic_studies import run_summary
-        >>> run = TrainingRun("loo", [0, 10], [-3.0, -2.5], [-3.1, -2.6], [0], [4.0], 0.5)
+        >>> keys = ["step", "train_elbo", "test_elbo", "grad_variance", "seconds"]
+        >>> records = [dict(zip(keys, r)) for r in [(0, -3.1, -3.0, 4.0, 0.0),
+        ...                                         (2, -2.6, -2.5, 2.0, 0.5)]]
+        >>> run = History(records, step_seconds=[0.2, 0.3], label="loo")
         >>> run_summary({"loo": [run]})["loo"]["ms_per_step"]
-        50.0
+        250.0
     """
     out = {}
     for method, method_runs in runs.items():
         if not method_runs:
             raise ValueError(f"method {method!r} has no runs to summarise")
-        test = torch.tensor([r.test_elbo[-1] for r in method_runs], dtype=torch.float64)
-        train = torch.tensor([r.train_elbo[-1] for r in method_runs], dtype=torch.float64)
-        variance = torch.tensor([v for r in method_runs for v in r.grad_variance])
-        steps = sum(r.eval_steps[-1] for r in method_runs)
-        wall = sum(r.wall_time for r in method_runs)
+        test = torch.tensor([r[-1]["test_elbo"] for r in method_runs], dtype=torch.float64)
+        train = torch.tensor([r[-1]["train_elbo"] for r in method_runs], dtype=torch.float64)
+        variance = torch.tensor([v for r in method_runs for v in r.column("grad_variance")])
+        wall = sum(r[-1]["seconds"] for r in method_runs)
+        step_seconds = [t for r in method_runs for t in r.step_seconds]
         out[method] = {
             "test_elbo": float(test.mean()),
             "test_elbo_sd": float(test.std()) if len(test) > 1 else 0.0,
             "train_elbo": float(train.mean()),
             "grad_variance": float(variance.median()) if len(variance) else float("nan"),
             "wall_time": wall / len(method_runs),
-            "ms_per_step": 1000 * wall / max(steps, 1),
+            "ms_per_step": 1000 * statistics.median(step_seconds) if step_seconds else math.nan,
         }
     return out
 
 
 def plot_curves(
-    runs: Mapping[str, Sequence[TrainingRun]], key: str, ax: Any, *, log: bool = False
+    runs: Mapping[str, Sequence[History]], key: str, ax: Any, *, log: bool = False
 ) -> None:
     """Plot one recorded curve per method: the mean over seeds and a min-max band.
 
@@ -117,9 +122,9 @@ def plot_curves(
         >>> import matplotlib
         >>> matplotlib.use("Agg")
         >>> import matplotlib.pyplot as plt
-        >>> from gradkit.models.topic import TrainingRun
+        >>> from gradkit.models.training import History
         >>> from compendium.topic_studies import plot_curves
-        >>> run = TrainingRun("loo", eval_steps=[0, 1], test_elbo=[-3.0, -2.0])
+        >>> run = History([{"step": 0, "test_elbo": -3.0}, {"step": 1, "test_elbo": -2.0}])
         >>> fig, ax = plt.subplots()
         >>> plot_curves({"loo": [run]}, "test_elbo", ax)
         >>> len(ax.lines)
@@ -127,15 +132,14 @@ def plot_curves(
     """
     if key not in {"train_elbo", "test_elbo", "grad_variance"}:
         raise ValueError(f"key must be 'train_elbo', 'test_elbo' or 'grad_variance', got {key!r}")
-    steps_key = "variance_steps" if key == "grad_variance" else "eval_steps"
     for method, method_runs in runs.items():
-        values = torch.tensor([getattr(r, key) for r in method_runs], dtype=torch.float64)
+        values = torch.tensor([r.column(key) for r in method_runs], dtype=torch.float64)
         if log:
             values = values.log()
         mean, low, high = values.mean(0), values.min(0).values, values.max(0).values
         if log:
             mean, low, high = mean.exp(), low.exp(), high.exp()
-        steps = getattr(method_runs[0], steps_key)
+        steps = method_runs[0].steps
         style = "--" if METHODS[method][1] else "-"
         (line,) = ax.plot(steps, mean.numpy(), style, label=METHODS[method][0])
         if len(method_runs) > 1:

@@ -25,6 +25,14 @@ def check_num_samples(num_samples: object, minimum: int = 1, why: str = "") -> i
     return num_samples
 
 
+def check_count(name: str, value: object, minimum: int = 1) -> int:
+    """``value`` as an int of at least ``minimum`` (a step count, a batch size, ...)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = "a positive int" if minimum == 1 else f"an int of at least {minimum}"
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+    return value
+
+
 def check_distribution(dist: object) -> Distribution:
     if not isinstance(dist, Distribution):
         raise TypeError(

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 import gradkit as gk
+from compendium.bandit_studies import compare_baselines, return_curves
 from gradkit.models.bandit import (
     BASELINES,
     ContextualBandit,
     PolicyNetwork,
-    compare_baselines,
     exact_policy_gradient,
     make_baseline,
     policy_gradients,
@@ -120,11 +120,24 @@ def test_training_approaches_the_optimal_return():
     bandit = ContextualBandit(num_contexts=16, num_features=4, num_arms=5)
     runs = compare_baselines(bandit, ["loo"], steps=150, batch_size=16, num_samples=4, lr=0.05)
     run = runs["loo"][0]
-    assert run.returns.shape == (151,) and run.label == "leave-one-out"
-    assert abs(float(run.returns[0]) - float(bandit.uniform_return())) < 0.1
+    returns = run.column("expected_return")
+    assert run.steps == list(range(151)) and run.label == "leave-one-out"
+    assert abs(returns[0] - float(bandit.uniform_return())) < 0.1
     gap = float(bandit.optimal_return() - bandit.uniform_return())
-    assert float(run.regret[-1]) < 0.25 * gap
-    assert run.final_return <= run.optimal + 1e-6 and run.seconds > 0
+    optimal = float(bandit.optimal_return())
+    assert run[-1]["regret"] == pytest.approx(optimal - returns[-1])
+    assert run[-1]["regret"] < 0.25 * gap
+    assert returns[-1] <= optimal + 1e-6 and run[-1]["seconds"] > 0
+    curves = return_curves(runs)
+    assert curves["loo"].shape == (1, 151) and curves["loo"][0, -1].item() == returns[-1]
+
+
+def test_return_curves_refuse_runs_recorded_at_different_steps(small):
+    bandit, policy = small
+    short = train_reinforce(bandit, policy, steps=2)
+    sparse = train_reinforce(bandit, policy, steps=4, eval_every=2)
+    with pytest.raises(ValueError, match="'loo' were recorded at different steps"):
+        return_curves({"loo": [short, sparse]})
 
 
 def test_float64_follows_through():
@@ -137,7 +150,7 @@ def test_float64_follows_through():
     assert value.dtype == torch.float64
     assert all(p.grad.dtype == torch.float64 for p in policy.parameters())
     run = train_reinforce(bandit, policy, steps=3, batch_size=4)
-    assert run.returns.dtype == torch.float64
+    assert run.model is policy and run.steps == [0, 1, 2, 3]
     assert exact_policy_gradient(bandit, policy).dtype == torch.float64
 
 
@@ -146,7 +159,7 @@ def test_runs_on_cuda():
     bandit = ContextualBandit(8, 3, 4, device="cuda")
     policy = PolicyNetwork(3, 4, hidden=4, device="cuda")
     run = train_reinforce(bandit, policy, steps=3, batch_size=4, baseline=make_baseline("loo"))
-    assert run.returns.device.type == "cpu"
+    assert len(run.step_seconds) == 3 and isinstance(run[-1]["expected_return"], float)
     assert next(policy.parameters()).device.type == "cuda"
 
 

@@ -167,11 +167,12 @@ def test_training_raises_the_elbo():
         variance_samples=16,
         progress=False,
     )
-    assert run.steps == [0, 30, 60] and len(run.loc_variance) == 3
-    assert run.elbo[-1] > run.elbo[0]
-    assert 0.0 <= run.test_accuracy[-1] <= 1.0 and run.seconds[-1] > 0
+    assert run.steps == [0, 30, 60] and len(run.column("loc_variance")) == 3
+    assert run[-1]["elbo"] > run[0]["elbo"]
+    assert 0.0 <= run[-1]["test_accuracy"] <= 1.0 and run[-1]["seconds"] > 0
     assert len(run.step_seconds) == 60 and min(run.step_seconds) > 0
-    assert sum(run.step_seconds) == pytest.approx(run.seconds[-1])
+    assert sum(run.step_seconds) == pytest.approx(run[-1]["seconds"])
+    assert isinstance(run.model, L.BayesianLogisticRegression) and run.label == "pathwise"
 
 
 def test_errors():

@@ -8,6 +8,7 @@ are compared with the enumerated value within a few standard errors (seed fixed 
 from __future__ import annotations
 
 import itertools
+import statistics
 import warnings
 
 import matplotlib
@@ -210,13 +211,14 @@ def test_training_increases_elbo():
     model = topic.BernoulliTopicModel(30, 3, prior=0.3, word_counts=corpus[:200].sum(0))
     run = topic.train(
         model, corpus[:200], corpus[200:], "loo", steps=150, batch_size=32,
-        lr=1e-2, eval_every=50, variance_every=50, progress=False,
+        lr=1e-2, eval_every=50, progress=False,
     )  # fmt: skip
-    assert run.eval_steps == [0, 50, 100, 150]
-    assert run.test_elbo[-1] > run.test_elbo[0] + 0.1, run.test_elbo
-    assert run.train_elbo[-1] > run.train_elbo[0] + 0.1, run.train_elbo
-    assert run.variance_steps == [0, 50, 100] and all(v > 0 for v in run.grad_variance)
-    assert run.wall_time > 0 and run.model is model
+    assert run.steps == [0, 50, 100, 150]
+    test, train = run.column("test_elbo"), run.column("train_elbo")
+    assert test[-1] > test[0] + 0.1, test
+    assert train[-1] > train[0] + 0.1, train
+    assert all(v > 0 for v in run.column("grad_variance"))
+    assert run[-1]["seconds"] > 0 and run.model is model and run.label == "loo"
 
 
 def test_float64_and_device_are_kept(docs):
@@ -234,17 +236,19 @@ def test_float64_and_device_are_kept(docs):
 def test_compare_estimators_and_plots(docs):
     runs = topic_studies.compare_estimators(
         docs, docs, ["learned", "straight_through"], [0, 1], steps=4, eval_every=2,
-        variance_every=2, replicates=3, progress=False, model_options={"num_factors": K},
+        replicates=3, progress=False, model_options={"num_factors": K},
         method_options={"learned": {"num_samples": 2}},
     )  # fmt: skip
     assert [len(r) for r in runs.values()] == [2, 2]
-    assert runs["learned"][0].eval_steps == [0, 2, 4]
+    assert runs["learned"][0].steps == [0, 2, 4]
     stats = topic_studies.run_summary(runs)
-    finals = torch.tensor([r.test_elbo[-1] for r in runs["learned"]], dtype=torch.float64)
+    finals = torch.tensor([r[-1]["test_elbo"] for r in runs["learned"]], dtype=torch.float64)
     assert stats["learned"]["test_elbo"] == pytest.approx(float(finals.mean()))
     assert stats["learned"]["test_elbo_sd"] == pytest.approx(float(finals.std()))
-    wall = sum(r.wall_time for r in runs["learned"])
-    assert stats["learned"]["ms_per_step"] == pytest.approx(1000 * wall / 8)
+    wall = sum(r[-1]["seconds"] for r in runs["learned"])
+    assert stats["learned"]["wall_time"] == pytest.approx(wall / 2)
+    times = [t for r in runs["learned"] for t in r.step_seconds]
+    assert stats["learned"]["ms_per_step"] == pytest.approx(1000 * statistics.median(times))
     with pytest.raises(ValueError, match="'loo' has no runs"):
         topic_studies.run_summary({"loo": []})
     import matplotlib.pyplot as plt
@@ -337,8 +341,10 @@ def test_estimator_errors(model, docs):
 def test_training_errors(model, docs):
     with pytest.raises(ValueError, match="steps must be a positive int"):
         topic.train(model, docs, docs, "loo", steps=0)
-    with pytest.raises(ValueError, match="variance_every must be a positive int"):
-        topic.train(model, docs, docs, "loo", variance_every=0)
+    with pytest.raises(ValueError, match="eval_every must be a positive int"):
+        topic.train(model, docs, docs, "loo", eval_every=0)
+    with pytest.raises(ValueError, match="replicates >= 2"):
+        topic.train(model, docs, docs, "loo", replicates=1, progress=False)
     with pytest.raises(ValueError, match="unknown method 'sgd'"):
         topic.train(model, docs, docs, "sgd", steps=1, progress=False)
     with pytest.raises(ValueError, match=r"docs must have shape \(num_docs, 12\)"):

@@ -23,24 +23,22 @@ Python loop over episodes.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 from torch.distributions import Categorical
 
+from gradkit import _checks
 from gradkit.autodiff import expectation
 from gradkit.baselines import Baseline, ExponentialMovingAverage, LeaveOneOut
 from gradkit.diagnostics import repeated_gradients
+from gradkit.models.training import History, fit
 
 __all__ = [
     "BASELINES",
     "ContextualBandit",
     "PolicyNetwork",
-    "ReinforceRun",
-    "compare_baselines",
     "exact_policy_gradient",
     "make_baseline",
     "policy_gradients",
@@ -54,12 +52,6 @@ BASELINES: dict[str, tuple[str, Callable[[], Baseline | None]]] = {
     "ema": ("moving average", lambda: ExponentialMovingAverage(decay=0.9)),
     "loo": ("leave-one-out", LeaveOneOut),
 }
-
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 def _check_indices(name: str, values: object, upper: int, what: str) -> Tensor:
@@ -139,7 +131,7 @@ class ContextualBandit(nn.Module):
             ("num_arms", num_arms),
             ("hidden", hidden),
         ]:
-            _positive_int(name, value)
+            _checks.check_count(name, value)
         if num_arms < 2:
             raise ValueError(f"a bandit needs at least 2 arms to choose from, got {num_arms}")
         if not sharpness > 0:
@@ -168,7 +160,7 @@ class ContextualBandit(nn.Module):
 
     def sample_contexts(self, batch_size: int) -> Tensor:
         """``batch_size`` context indices drawn uniformly with replacement, shape ``(B,)``."""
-        _positive_int("batch_size", batch_size)
+        _checks.check_count("batch_size", batch_size)
         return torch.randint(self.num_contexts, (batch_size,), device=self.means.device)
 
     def mean_reward(self, contexts: Tensor, actions: Tensor) -> Tensor:
@@ -253,8 +245,8 @@ class PolicyNetwork(nn.Module):
     ) -> None:
         super().__init__()
         for name, value in [("num_features", num_features), ("num_arms", num_arms)]:
-            _positive_int(name, value)
-        _positive_int("hidden", hidden)
+            _checks.check_count(name, value)
+        _checks.check_count("hidden", hidden)
         self.net = nn.Sequential(
             nn.Linear(num_features, hidden, device=device, dtype=dtype),
             nn.Tanh(),
@@ -347,34 +339,6 @@ def make_baseline(name: str) -> Baseline | None:
     return BASELINES[name][1]()
 
 
-@dataclass
-class ReinforceRun:
-    """The record of one REINFORCE training run.
-
-    Attributes:
-        label: what was trained (the baseline's label).
-        returns: exact expected return :math:`J` after each step, ``(steps + 1,)`` on the CPU
-            (entry 0 is the initial policy).
-        optimal: :math:`J^\\star`.
-        seconds: wall time of the training loop.
-    """
-
-    label: str
-    returns: Tensor
-    optimal: float
-    seconds: float
-
-    @property
-    def final_return(self) -> float:
-        """:math:`J` after the last step."""
-        return float(self.returns[-1])
-
-    @property
-    def regret(self) -> Tensor:
-        r"""The per-step regret :math:`J^\star - J`, ``(steps + 1,)``."""
-        return self.optimal - self.returns
-
-
 def train_reinforce(
     bandit: ContextualBandit,
     policy: PolicyNetwork,
@@ -384,16 +348,19 @@ def train_reinforce(
     batch_size: int = 32,
     num_samples: int = 8,
     lr: float = 0.05,
+    eval_every: int = 1,
     label: str = "",
     progress: bool = False,
-) -> ReinforceRun:
+) -> History:
     r"""Train ``policy`` on ``bandit`` with REINFORCE and Adam; record the exact return.
 
     Each step draws ``batch_size`` contexts, takes the gradient of :func:`surrogate_return`
     (``num_samples`` actions per context, the score-function estimator with ``baseline``)
-    and applies one Adam step (Kingma and Ba 2015, ``kingma2015adam``) to ascend :math:`J`.
-    After every step the exact :math:`J(w)` is computed by :meth:`ContextualBandit.expected_return`;
-    the curve stays on the policy's device and is copied to the CPU once, at the end.
+    and applies one Adam step (Kingma and Ba 2015, ``kingma2015adam``) to ascend :math:`J`;
+    :func:`gradkit.models.training.fit` runs the steps. At step 0, every ``eval_every`` steps
+    (by default after every step) and at the end, a record holds, besides ``step``,
+    ``seconds`` and ``median_step_seconds``, the exact ``expected_return`` :math:`J(w)`
+    (:meth:`ContextualBandit.expected_return`) and the ``regret`` :math:`J^\star - J(w)`.
 
     Args:
         bandit: the environment.
@@ -404,11 +371,12 @@ def train_reinforce(
         batch_size: contexts per step.
         num_samples: actions per context.
         lr: Adam's learning rate.
+        eval_every: steps between records of the exact return.
         label: a name for the run.
         progress: show a ``tqdm.auto`` progress bar.
 
     Returns:
-        a :class:`ReinforceRun`.
+        a :class:`~gradkit.models.training.History`, with ``policy`` as ``model``.
 
     Raises:
         ValueError: for non-positive sizes or learning rate, or a policy and bandit on
@@ -421,13 +389,12 @@ def train_reinforce(
         >>> _ = torch.manual_seed(0)
         >>> bandit, policy = ContextualBandit(8, 3, 4), PolicyNetwork(3, 4, hidden=8)
         >>> run = train_reinforce(bandit, policy, steps=30, batch_size=8, lr=0.1)
-        >>> run.returns.shape, run.final_return > float(run.returns[0])
-        (torch.Size([31]), True)
+        >>> returns = run.column("expected_return")
+        >>> len(returns), returns[-1] > returns[0]
+        (31, True)
     """
-    from tqdm.auto import tqdm
-
     for name, value in [("steps", steps), ("batch_size", batch_size)]:
-        _positive_int(name, value)
+        _checks.check_count(name, value)
     if not lr > 0:
         raise ValueError(f"lr must be positive, got {lr!r}")
     weight = next(policy.parameters())
@@ -438,77 +405,31 @@ def train_reinforce(
             "move one with .to(device=..., dtype=...)"
         )
     optimiser = torch.optim.Adam(policy.parameters(), lr=lr)
-    returns = torch.empty(steps + 1, dtype=weight.dtype, device=weight.device)
-    start = time.perf_counter()
-    with torch.no_grad():
-        returns[0] = bandit.expected_return(policy)
-    for step in tqdm(range(1, steps + 1), desc=label or "REINFORCE", disable=not progress):
+    optimal = float(bandit.optimal_return())
+
+    def step(_: int) -> None:
         contexts = bandit.sample_contexts(batch_size)
         loss = -surrogate_return(bandit, policy, contexts, num_samples, baseline)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
+
+    def evaluate(_: int) -> dict[str, float]:
         with torch.no_grad():
-            returns[step] = bandit.expected_return(policy)
-    curve = returns.cpu()
-    return ReinforceRun(label, curve, float(bandit.optimal_return()), time.perf_counter() - start)
+            value = float(bandit.expected_return(policy))
+        return {"expected_return": value, "regret": optimal - value}
 
-
-def compare_baselines(
-    bandit: ContextualBandit,
-    names: Sequence[str] = ("none", "ema", "loo"),
-    *,
-    seeds: Sequence[int] = (0,),
-    hidden: int = 32,
-    progress: bool = False,
-    **train_options: float | int,
-) -> dict[str, list[ReinforceRun]]:
-    """Train one policy per baseline and seed; the same seed gives every baseline the same
-    initial policy and the same first draws.
-
-    Args:
-        bandit: the environment; policies are created on its device, in its dtype.
-        names: baseline names from :data:`BASELINES`.
-        seeds: one run per seed and baseline.
-        hidden: the policy's hidden width.
-        progress: show progress bars.
-        **train_options: ``steps``, ``batch_size``, ``num_samples``, ``lr`` for
-            :func:`train_reinforce`.
-
-    Returns:
-        dict name -> runs, one per seed.
-
-    Raises:
-        ValueError: for an unknown baseline name.
-
-    Example:
-        >>> from gradkit.models.bandit import ContextualBandit, compare_baselines
-        >>> runs = compare_baselines(ContextualBandit(4, 3, 3), ["loo"], steps=5, hidden=4)
-        >>> [(name, len(r), r[0].returns.shape) for name, r in runs.items()]
-        [('loo', 1, torch.Size([6]))]
-    """
-    unknown = [name for name in names if name not in BASELINES]
-    if unknown:
-        raise ValueError(f"unknown baseline(s) {unknown}; choose from {sorted(BASELINES)}")
-    device, dtype = bandit.means.device, bandit.means.dtype
-    runs: dict[str, list[ReinforceRun]] = {}
-    for name in names:
-        runs[name] = []
-        for seed in seeds:
-            torch.manual_seed(seed)
-            policy = PolicyNetwork(
-                bandit.features.shape[1], bandit.num_arms, hidden, device=device, dtype=dtype
-            )
-            run = train_reinforce(
-                bandit,
-                policy,
-                baseline=make_baseline(name),
-                label=BASELINES[name][0],
-                progress=progress,
-                **train_options,  # type: ignore[arg-type]
-            )
-            runs[name].append(run)
-    return runs
+    return fit(
+        step,
+        evaluate,
+        steps=steps,
+        eval_every=eval_every,
+        device=weight.device,
+        label=label or "REINFORCE",
+        model=policy,
+        show="expected_return",
+        progress=progress,
+    )
 
 
 def exact_policy_gradient(bandit: ContextualBandit, policy: PolicyNetwork) -> Tensor:
@@ -568,7 +489,7 @@ def policy_gradients(
         >>> g.shape
         torch.Size([3, 41])
     """
-    _positive_int("repeats", repeats)
+    _checks.check_count("repeats", repeats)
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"warmup must be a non-negative int, got {warmup!r}")
     if contexts is None:

@@ -23,9 +23,7 @@ every estimator can be run to convergence, on the breast-cancer data
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
@@ -34,12 +32,13 @@ from torch import Tensor, nn
 from torch.distributions import Independent, Normal
 
 import gradkit as gk
+from gradkit import _checks
 from gradkit.models._baselines import measuring
+from gradkit.models.training import History, fit
 
 __all__ = [
     "BayesianLogisticRegression",
     "LogisticData",
-    "TrainingRun",
     "gradient_estimates",
     "load_breast_cancer_data",
     "plot_training",
@@ -287,34 +286,6 @@ def gradient_estimates(
     return gk.ESTIMATORS[estimator](log_lik, q, num_samples, **options)
 
 
-@dataclass
-class TrainingRun:
-    """What :func:`train` records, one entry per evaluation step.
-
-    Attributes:
-        steps: optimisation steps at which the model was evaluated (0 = initialisation).
-        elbo: training-set ELBO (estimated with ``eval_samples`` pathwise draws).
-        test_accuracy: held-out accuracy of the posterior predictive.
-        loc_variance: per-sample gradient variance w.r.t. the posterior means, averaged over
-            the features.
-        scale_variance: the same w.r.t. the posterior standard deviations.
-        seconds: cumulative wall time spent in optimisation steps (evaluation excluded).
-        model: the trained model.
-        step_seconds: wall time of every optimisation step, in order; its median is a per-step
-            cost that one-off start-up costs (the first call of a kernel, memory allocation)
-            do not distort.
-    """
-
-    steps: list[int] = field(default_factory=list)
-    elbo: list[float] = field(default_factory=list)
-    test_accuracy: list[float] = field(default_factory=list)
-    loc_variance: list[float] = field(default_factory=list)
-    scale_variance: list[float] = field(default_factory=list)
-    seconds: list[float] = field(default_factory=list)
-    model: BayesianLogisticRegression | None = None
-    step_seconds: list[float] = field(default_factory=list)
-
-
 def train(
     data: LogisticData,
     *,
@@ -329,14 +300,20 @@ def train(
     seed: int = 0,
     progress: bool = True,
     description: str | None = None,
-) -> TrainingRun:
+) -> History:
     r"""Fit :class:`BayesianLogisticRegression` to ``data`` with Adam and the named estimator.
 
     Every step maximises :meth:`BayesianLogisticRegression.elbo` on the full training set with
-    ``num_samples`` draws (Adam, Kingma and Ba 2015). Every ``eval_every`` steps it records the
-    training ELBO (``eval_samples`` pathwise draws: the same yardstick for every estimator),
-    the held-out accuracy, and the per-sample variance of this estimator's gradient (with its
-    options) from ``variance_samples`` draws.
+    ``num_samples`` draws (Adam, Kingma and Ba 2015), through
+    :func:`gradkit.models.training.fit`. At step 0, every ``eval_every`` steps and at the end
+    a record holds, besides ``step``, ``seconds`` and ``median_step_seconds``:
+
+    * ``elbo``: the training ELBO from ``eval_samples`` pathwise draws (the same yardstick for
+      every estimator);
+    * ``test_accuracy``: the held-out accuracy of the posterior predictive;
+    * ``loc_variance`` and ``scale_variance``: the per-sample variance of this estimator's
+      gradient (with its options) w.r.t. the posterior means and standard deviations,
+      averaged over the features, from ``variance_samples`` draws.
 
     Args:
         data: from :func:`load_breast_cancer_data`.
@@ -351,7 +328,7 @@ def train(
         description: label of the progress bar.
 
     Returns:
-        a :class:`TrainingRun`.
+        a :class:`~gradkit.models.training.History`, with the trained model as ``model``.
 
     Raises:
         ValueError: for an unknown estimator or non-positive counts.
@@ -363,52 +340,49 @@ def train(
         >>> run.steps
         [0, 2, 4]
     """
-    from tqdm.auto import tqdm
-
     if estimator not in gk.ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; choose one of {sorted(gk.ESTIMATORS)}")
     counts = {"num_samples": num_samples, "steps": steps, "eval_every": eval_every}
     counts |= {"eval_samples": eval_samples, "variance_samples": variance_samples}
     for name, value in counts.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        _checks.check_count(name, value)
     options = dict(options or {})
     torch.manual_seed(seed)
     x, y = data.train_x, data.train_y
     model = BayesianLogisticRegression(x.shape[1]).to(device=x.device, dtype=x.dtype)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    run = TrainingRun(model=model)
-    elapsed = 0.0
 
-    def evaluate(step: int) -> None:
-        with torch.no_grad():
-            run.steps.append(step)
-            run.elbo.append(float(model.elbo(x, y, eval_samples)))
-            run.test_accuracy.append(model.accuracy(data.test_x, data.test_y, eval_samples))
-        g = gradient_estimates(model, x, y, variance_samples, estimator=estimator, **options)
-        run.loc_variance.append(float(g["loc"].var(0).mean()))
-        run.scale_variance.append(float(g["scale"].var(0).mean()))
-        run.seconds.append(elapsed)
-
-    evaluate(0)
-    bar = tqdm(range(1, steps + 1), desc=description or estimator, disable=not progress)
-    for step in bar:
-        started = time.perf_counter()
+    def step(_: int) -> None:
         loss = -model.elbo(x, y, num_samples, estimator=estimator, **options)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if x.is_cuda:  # kernels run asynchronously: wait for them before reading the clock
-            torch.cuda.synchronize(x.device)
-        run.step_seconds.append(time.perf_counter() - started)
-        elapsed += run.step_seconds[-1]
-        if step % eval_every == 0 or step == steps:
-            evaluate(step)
-            bar.set_postfix(elbo=f"{run.elbo[-1]:.1f}")
-    return run
+
+    def evaluate(_: int) -> dict[str, float]:
+        with torch.no_grad():
+            measured = {
+                "elbo": float(model.elbo(x, y, eval_samples)),
+                "test_accuracy": model.accuracy(data.test_x, data.test_y, eval_samples),
+            }
+        g = gradient_estimates(model, x, y, variance_samples, estimator=estimator, **options)
+        measured["loc_variance"] = float(g["loc"].var(0).mean())
+        measured["scale_variance"] = float(g["scale"].var(0).mean())
+        return measured
+
+    return fit(
+        step,
+        evaluate,
+        steps=steps,
+        eval_every=eval_every,
+        device=x.device,
+        label=description or estimator,
+        model=model,
+        show="elbo",
+        progress=progress,
+    )
 
 
-def plot_training(runs: Mapping[str, TrainingRun]) -> Any:
+def plot_training(runs: Mapping[str, History]) -> Any:
     """Training curves side by side: ELBO, held-out accuracy, gradient variance (means, scales).
 
     The ELBO axis starts at the lowest value any run reaches after its first evaluation (the
@@ -416,7 +390,7 @@ def plot_training(runs: Mapping[str, TrainingRun]) -> Any:
     axis.
 
     Args:
-        runs: label -> :class:`TrainingRun`.
+        runs: label -> :func:`train`'s history.
 
     Returns:
         the matplotlib figure (four panels).
@@ -424,8 +398,11 @@ def plot_training(runs: Mapping[str, TrainingRun]) -> Any:
     Example:
         >>> import matplotlib
         >>> matplotlib.use("Agg")
-        >>> from gradkit.models.logistic import TrainingRun, plot_training
-        >>> run = TrainingRun([0, 1], [-9.0, -5.0], [0.5, 0.9], [2.0, 1.0], [3.0, 1.0], [0, 1])
+        >>> from gradkit.models.logistic import plot_training
+        >>> from gradkit.models.training import History
+        >>> keys = ["step", "elbo", "test_accuracy", "loc_variance", "scale_variance"]
+        >>> run = History([dict(zip(keys, r)) for r in [(0, -9.0, 0.5, 2.0, 3.0),
+        ...                                               (1, -5.0, 0.9, 1.0, 1.0)]])
         >>> len(plot_training({"pathwise": run}).axes)
         4
     """
@@ -440,12 +417,12 @@ def plot_training(runs: Mapping[str, TrainingRun]) -> Any:
     ]
     for ax, (key, title, log) in zip(axes, panels, strict=True):
         for label, run in runs.items():
-            ax.plot(run.steps, getattr(run, key), label=label)
+            ax.plot(run.steps, run.column(key), label=label)
         ax.set_title(title)
         ax.set_xlabel("step")
         if log:
             ax.set_yscale("log")
-    later = [v for run in runs.values() for v in run.elbo[1:]]
+    later = [v for run in runs.values() for v in run.column("elbo")[1:]]
     if later:
         low, high = min(later), max(later)
         axes[0].set_ylim(low - 0.05 * (high - low + 1.0), high + 0.05 * (high - low + 1.0))

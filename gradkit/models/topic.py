@@ -33,9 +33,7 @@ chapter support, in ``compendium/topic_studies.py``.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -43,17 +41,18 @@ from torch import Tensor, nn
 from torch.distributions import Bernoulli, Independent, Multinomial, RelaxedBernoulli, kl_divergence
 from torch.func import functional_call, vjp, vmap
 
+from gradkit import _checks
 from gradkit.autodiff import expectation
 from gradkit.baselines import ExponentialMovingAverage, LearnedBaseline, LeaveOneOut
 from gradkit.control_variates import DeltaMethod
 from gradkit.diagnostics import z_score
+from gradkit.models.training import History, fit
 
 __all__ = [
     "METHODS",
     "BernoulliTopicModel",
     "DocumentBaseline",
     "GradientEstimator",
-    "TrainingRun",
     "encoder_gradient_variance",
     "exact_logit_gradient",
     "factor_words",
@@ -598,31 +597,6 @@ def encoder_gradient_variance(
     return float(sum(g.var(0).sum() for g in per_param.values()))
 
 
-@dataclass
-class TrainingRun:
-    """What :func:`train` records.
-
-    Attributes:
-        method: the estimator's key in :data:`METHODS`.
-        eval_steps: steps at which the ELBO was evaluated (0 = before training).
-        train_elbo: training-set ELBO per token at those steps.
-        test_elbo: held-out ELBO per token at those steps.
-        variance_steps: steps at which the gradient variance was measured.
-        grad_variance: total variance of the inference network's gradient there.
-        wall_time: seconds spent in optimisation steps (evaluation excluded).
-        model: the trained model.
-    """
-
-    method: str
-    eval_steps: list[int] = field(default_factory=list)
-    train_elbo: list[float] = field(default_factory=list)
-    test_elbo: list[float] = field(default_factory=list)
-    variance_steps: list[int] = field(default_factory=list)
-    grad_variance: list[float] = field(default_factory=list)
-    wall_time: float = 0.0
-    model: BernoulliTopicModel | None = None
-
-
 def _per_token_elbo(model: BernoulliTopicModel, docs: Tensor, num_samples: int) -> float:
     return float(model.elbo(docs, num_samples).sum() / docs.sum())
 
@@ -639,21 +613,24 @@ def train(
     lr: float = 3e-3,
     eval_every: int = 50,
     eval_samples: int = 16,
-    variance_every: int = 50,
     variance_docs: int = 32,
     replicates: int = 16,
     progress: bool = True,
     estimator_options: Mapping[str, Any] | None = None,
-) -> TrainingRun:
+) -> History:
     r"""Maximise the ELBO with Adam (Kingma and Ba 2015), the encoder's gradient by ``method``.
 
     Each step draws ``batch_size`` training documents, estimates
     :math:`\mathbb{E}_q[\log p_\theta(x \mid z)]` with :class:`GradientEstimator`, subtracts the
     analytic KL and maximises the batch's ELBO per token (plus, for ``"learned"``, minimises
-    the baseline's regression loss). Every ``eval_every`` steps the training and held-out ELBO
-    per token are estimated with ``eval_samples`` draws per document; every
-    ``variance_every`` steps, from the start, :func:`encoder_gradient_variance` is measured on
-    the first ``variance_docs`` training documents.
+    the baseline's regression loss); :func:`gradkit.models.training.fit` runs the steps. At
+    step 0, every ``eval_every`` steps and at the end a record holds, besides ``step``,
+    ``seconds`` and ``median_step_seconds``:
+
+    * ``train_elbo`` and ``test_elbo``: the training and held-out ELBO per token, estimated
+      with ``eval_samples`` draws per document;
+    * ``grad_variance``: :func:`encoder_gradient_variance` with ``replicates`` replicates on the
+      first ``variance_docs`` training documents, at the parameters after ``step`` updates.
 
     Args:
         model: the model, trained in place.
@@ -661,34 +638,29 @@ def train(
         test_docs: held-out counts ``(D', V)``.
         method: a key of :data:`METHODS`.
         steps, batch_size, num_samples, lr: optimisation settings.
-        eval_every, eval_samples, variance_every, variance_docs, replicates: measurement
-            settings.
+        eval_every, eval_samples, variance_docs, replicates: measurement settings.
         progress: show a ``tqdm.auto`` progress bar.
         estimator_options: extra keyword arguments of :class:`GradientEstimator`.
 
     Returns:
-        a :class:`TrainingRun`.
+        a :class:`~gradkit.models.training.History` labelled with ``method``, the model as
+        ``model``.
 
     Raises:
-        ValueError: for non-positive step counts or an unknown method.
+        ValueError: for non-positive counts, fewer than 2 replicates or an unknown method.
 
     Example:
         >>> import torch
         >>> from gradkit.models.topic import BernoulliTopicModel, train
         >>> model = BernoulliTopicModel(vocab_size=20, num_factors=3)
         >>> docs, _ = model.sample(num_docs=16, doc_length=10)
-        >>> run = train(model, docs, docs, "loo", steps=4, eval_every=2, variance_every=2,
-        ...             progress=False)
-        >>> run.eval_steps, run.variance_steps
-        ([0, 2, 4], [0, 2])
+        >>> run = train(model, docs, docs, "loo", steps=4, eval_every=2, progress=False)
+        >>> run.steps, run.label, run.keys[1:4]
+        ([0, 2, 4], 'loo', ['train_elbo', 'test_elbo', 'grad_variance'])
     """
-    from tqdm.auto import tqdm
-
     for name, value in [("steps", steps), ("batch_size", batch_size), ("eval_every", eval_every)]:
-        if value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value}")
-    if variance_every < 1:
-        raise ValueError(f"variance_every must be a positive int, got {variance_every}")
+        _checks.check_count(name, value)
+    _checks.check_count("variance_docs", variance_docs)
     _check_docs(train_docs, model.vocab_size)
     _check_docs(test_docs, model.vocab_size)
     estimator = GradientEstimator(
@@ -697,21 +669,9 @@ def train(
     param = next(model.parameters())
     estimator.to(device=param.device, dtype=param.dtype)
     optimizer = torch.optim.Adam([*model.parameters(), *estimator.parameters()], lr=lr)
-    run = TrainingRun(method=method, model=model)
     probe = train_docs[:variance_docs]
 
-    def evaluate(step: int) -> None:
-        run.eval_steps.append(step)
-        run.train_elbo.append(_per_token_elbo(model, train_docs, eval_samples))
-        run.test_elbo.append(_per_token_elbo(model, test_docs, eval_samples))
-
-    evaluate(0)
-    bar = tqdm(range(1, steps + 1), desc=METHODS[method][0], disable=not progress, leave=False)
-    for step in bar:
-        if (step - 1) % variance_every == 0:  # before this step's update: step - 1 updates done
-            run.variance_steps.append(step - 1)
-            run.grad_variance.append(encoder_gradient_variance(model, estimator, probe, replicates))
-        started = time.perf_counter()
+    def step(_: int) -> None:
         index = torch.randint(len(train_docs), (batch_size,), device=train_docs.device)
         docs = train_docs[index]
         logits = model.logits(docs)
@@ -720,11 +680,25 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        run.wall_time += time.perf_counter() - started
-        if step % eval_every == 0 or step == steps:
-            evaluate(step)
-            bar.set_postfix(test_elbo=f"{run.test_elbo[-1]:.3f}")
-    return run
+
+    def evaluate(_: int) -> dict[str, float]:
+        return {
+            "train_elbo": _per_token_elbo(model, train_docs, eval_samples),
+            "test_elbo": _per_token_elbo(model, test_docs, eval_samples),
+            "grad_variance": encoder_gradient_variance(model, estimator, probe, replicates),
+        }
+
+    return fit(
+        step,
+        evaluate,
+        steps=steps,
+        eval_every=eval_every,
+        device=param.device,
+        label=method,
+        model=model,
+        show="test_elbo",
+        progress=progress,
+    )
 
 
 def factor_words(
