@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import gradkit as gk
-from gradkit.models import binary_toy as toy
+from compendium import binary_toy as toy
 from tests.stats import Z
 
 ESTIMATORS = {n: n for n in ("score_function", "arm", "disarm", "rebar", "relax", "rao_blackwell")}

@@ -331,18 +331,23 @@ def test_smoke_training_raises_the_elbo(estimator, num_samples, options):
     first, last = history[0], history[-1]
     assert last["train_elbo"] > first["train_elbo"] + 5.0, history
     assert last["test_elbo"] > first["test_elbo"] + 5.0, history
-    assert last["seconds"] > 0 and last["images_per_second"] > 0
-    # the median of the epoch's 8 steps is positive and below their total
+    assert history.steps == [0, 8, 16, 24] and history.model is vae
+    # seconds accumulate the steps' times; the median of an epoch's 8 steps is below its total
+    assert last["seconds"] == pytest.approx(sum(history.step_seconds))
     assert math.isnan(first["median_step_seconds"])
-    assert 0 < last["median_step_seconds"] < last["seconds"]
+    assert 0 < last["median_step_seconds"] < last["seconds"] - history[-2]["seconds"]
 
 
 def test_training_rejects_bad_arguments():
     vae, x = small_vae(), binary(8)
     with pytest.raises(ValueError, match="unknown estimator"):
         gradkit.models.train_vae(vae, x, estimator="reinforce", progress=False)
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
         gradkit.models.train_vae(vae, x, batch_size=0, progress=False)
+    with pytest.raises(ValueError, match="epochs must be an int of at least 0"):
+        gradkit.models.train_vae(vae, x, epochs=-1, progress=False)
+    with pytest.raises(ValueError, match="train holds no images"):
+        gradkit.models.train_vae(vae, x[:0], progress=False)
     with pytest.raises(TypeError, match=r"unexpected option\(s\) \['coupling'\]; it takes"):
         gradkit.models.train_vae(vae, x, epochs=1, coupling=False, progress=False)
     history = gradkit.models.train_vae(vae, x, epochs=0, progress=False)

@@ -50,8 +50,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,16 +66,15 @@ from gradkit import _checks
 from gradkit.baselines import LeaveOneOut
 from gradkit.data.mnist import BinaryImages
 from gradkit.models._baselines import measuring
+from gradkit.models.training import History, fit
 from gradkit.registry import ESTIMATORS, Estimator, get_estimator
 
 __all__ = [
     "EVALUATIONS_PER_SAMPLE",
     "SBNVAE",
-    "TRAINABLE",
     "VARIANTS",
     "GreyImages",
     "binarize",
-    "compare_estimators",
     "elbo",
     "encoder_gradient_variance",
     "estimator_options",
@@ -826,11 +824,6 @@ def training_step(
     return float(_step(model, optimizer, x, est, num_samples, generator, options))
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def train_sbn(
     model: SBNVAE,
     train: Tensor,
@@ -851,7 +844,7 @@ def train_sbn(
     seed: int = 0,
     progress: bool = True,
     **options: Any,
-) -> list[dict[str, float]]:
+) -> History:
     r"""Train ``model`` with Adam for ``steps`` steps, the encoder's gradient from ``estimator``.
 
     The DisARM benchmark's protocol (Dong, Mnih and Tucker 2020): mini-batches of 50 in a
@@ -869,7 +862,8 @@ def train_sbn(
     binary pixels :math:`x \sim \mathrm{Bern}(\text{intensity})`; the held-out images and the
     variance batch are binarised once (fixed draws, the same at every record).
 
-    At step 0, every ``eval_every`` steps and at the end, a record holds:
+    :func:`gradkit.models.training.fit` runs the steps. At step 0, every ``eval_every`` steps
+    and at the end, a record holds:
 
     * ``step``;
     * ``train_elbo``: the mean of the training steps' ELBO estimates since the previous record
@@ -879,9 +873,10 @@ def train_sbn(
     * ``gradient_variance``: :func:`encoder_gradient_variance` with ``variance_repeats``
       repeats on the first ``variance_batch`` (default ``batch_size``) training images (NaN
       when ``variance_repeats`` is 0);
-    * ``seconds``: training wall time so far, measurements excluded;
     * ``decoder_evaluations``: decoder passes per data point in the training steps so far
-      (the cost rule, measured).
+      (the cost rule, measured);
+    * ``seconds``: training wall time so far, measurements excluded;
+    * ``median_step_seconds``: the median time of the steps since the previous record.
 
     Training uses its own generator (from ``seed``) and the measurements another, so the
     trajectory does not depend on what is measured, and the same seed gives the same records
@@ -910,7 +905,7 @@ def train_sbn(
         **options: the estimator's options (after :func:`estimator_options`).
 
     Returns:
-        the records, a list of dicts of floats.
+        the records, a :class:`~gradkit.models.training.History` with the model as ``model``.
 
     Raises:
         ValueError: for non-binary data (without ``dynamic_binarization``), grey levels outside
@@ -926,8 +921,6 @@ def train_sbn(
         >>> [r["step"] for r in records], records[-1]["decoder_evaluations"]
         ([0, 2, 4], 8.0)
     """
-    from tqdm.auto import tqdm
-
     est = get_estimator(estimator)
     name = _name(est)
     _checks.check_num_samples(steps, minimum=0, why="steps")
@@ -981,12 +974,25 @@ def train_sbn(
         params += [p for p in est.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr)
 
-    seconds, decoded = 0.0, 0
-    window_sum, window_steps = train.new_zeros(()), 0
+    decoded = 0
+    window: list[Tensor] = []  # the training steps' ELBO estimates since the previous record
+    order = torch.empty(0, dtype=torch.long, device=device)
 
-    def record(step: int) -> dict[str, float]:
-        with torch.no_grad():
-            train_elbo = float(window_sum) / window_steps if window_steps else math.nan
+    def step(_: int) -> None:
+        nonlocal order, decoded
+        if len(order) < batch_size:
+            order = torch.randperm(len(train), generator=generator, device=device)
+        index, order = order[:batch_size], order[batch_size:]
+        x = train[index]
+        if dynamic_binarization:
+            x = torch.bernoulli(x, generator=generator)
+        before = model.decoded
+        window.append(_step(model, optimizer, x, est, num_samples, generator, options))
+        decoded += model.decoded - before
+
+    def evaluate(_: int) -> dict[str, float]:
+        train_elbo = float(torch.stack(window).mean()) if window else math.nan
+        window.clear()
         bound = (
             heldout_bound(model, fixed_heldout, eval_samples, generator=measure)
             if fixed_heldout is not None
@@ -1004,88 +1010,20 @@ def train_sbn(
             else math.nan
         )
         return {
-            "step": step,
             "train_elbo": train_elbo,
             "heldout_bound": bound,
             "gradient_variance": variance,
-            "seconds": seconds,
             "decoder_evaluations": decoded / batch_size,
         }
 
-    records = [record(0)]
-    order = torch.empty(0, dtype=torch.long, device=device)
-    bar = tqdm(total=steps, desc=name, disable=not progress, mininterval=5.0)
-    _sync(device)
-    start = time.perf_counter()
-    for step in range(1, steps + 1):
-        if len(order) < batch_size:
-            order = torch.randperm(len(train), generator=generator, device=device)
-        index, order = order[:batch_size], order[batch_size:]
-        x = train[index]
-        if dynamic_binarization:
-            x = torch.bernoulli(x, generator=generator)
-        before = model.decoded
-        window_sum = window_sum + _step(model, optimizer, x, est, num_samples, generator, options)
-        decoded += model.decoded - before
-        window_steps += 1
-        bar.update()
-        if step % every == 0 or step == steps:
-            _sync(device)
-            seconds += time.perf_counter() - start
-            records.append(record(step))
-            window_sum, window_steps = train.new_zeros(()), 0
-            bar.set_postfix(train_elbo=f"{records[-1]['train_elbo']:.1f}")
-            _sync(device)
-            start = time.perf_counter()
-    bar.close()
-    return records
-
-
-#: The estimators with learnable parts, each built afresh for every run of compare_estimators.
-TRAINABLE: dict[str, Callable[[], Estimator]] = {
-    "rebar": lambda: gk.discrete.REBAR(),
-    "relax": lambda: gk.discrete.RELAX(),
-}
-
-
-def compare_estimators(
-    train: Tensor,
-    *,
-    estimators: Sequence[str] = ("score_function", "disarm", "rebar", "relax"),
-    variants: Sequence[str] = VARIANTS,
-    options: Mapping[str, Mapping[str, Any]] | None = None,
-    seed: int = 0,
-    **train_options: Any,
-) -> list[dict[str, Any]]:
-    r"""Train one fresh model per variant and estimator with :func:`train_sbn`, alike otherwise.
-
-    Every run starts from the same initialisation for its variant (drawn from ``seed``
-    without touching the global random stream) and uses the same batches and binarisation;
-    an estimator with learnable parts (:data:`TRAINABLE`: REBAR, RELAX) gets an instance of its
-    own, trained with its model. ``options`` gives an estimator its own options (e.g.
-    ``{"relax": {"leave_one_out": True}}``); ``train_options`` go to every run
-    (``heldout=``, ``steps=``, ``evaluations=``, ...).
-
-    Returns:
-        :func:`train_sbn`'s records, each with ``variant`` and ``estimator`` added.
-
-    Raises:
-        ValueError: for an unknown variant, or what :func:`train_sbn` refuses.
-    """
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        raise ValueError(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
-    options = options or {}
-    records: list[dict[str, Any]] = []
-    for number, variant in enumerate(variants):
-        for name in estimators:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed + number)
-                model = SBNVAE(x_dim=train.shape[-1], variant=variant)
-                est = TRAINABLE[name]() if name in TRAINABLE else name  # a surrogate's init too
-            model = model.to(device=train.device, dtype=train.dtype)
-            runs = train_sbn(
-                model, train, estimator=est, seed=seed, **options.get(name, {}), **train_options
-            )
-            records += [{"variant": variant, "estimator": name, **r} for r in runs]
-    return records
+    return fit(
+        step,
+        evaluate,
+        steps=steps,
+        eval_every=every,
+        device=device,
+        label=name,
+        model=model,
+        show="train_elbo",
+        progress=progress,
+    )

@@ -121,6 +121,12 @@ class History(Sequence[Record]):
         return statistics.median(self.step_seconds) if self.step_seconds else math.nan
 
 
+def _number(value: object) -> float:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value  # a count (an epoch, a number of evaluations) stays a whole number
+    return float(value)  # type: ignore[arg-type]
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":  # kernels run asynchronously: time the work, not its launch
         torch.cuda.synchronize(device)
@@ -141,9 +147,10 @@ def fit(
     r"""Run ``step(i)`` for ``i = 1, ..., steps`` and record ``evaluate(i)`` along the way.
 
     ``evaluate`` is called at step 0, every ``eval_every`` steps and after the last step; its
-    dict of measurements (floats, or 0-dim tensors) becomes a record, with the keys in
-    :data:`RESERVED` added. Measurements are not timed. ``step``'s return value is ignored.
-    A ``tqdm.auto`` progress bar counts the steps, with the latest value of ``show``.
+    dict of measurements (floats, 0-dim tensors stored as floats, ints kept as ints) becomes a
+    record, with the keys in :data:`RESERVED` added. Measurements are not timed; ``step``'s
+    return value is ignored. A ``tqdm.auto`` progress bar counts the steps, with the latest
+    value of ``show``.
 
     Args:
         step: takes optimisation step number ``i`` (from 1).
@@ -192,7 +199,7 @@ def fit(
         history.records.append(
             {
                 "step": i,
-                **{key: float(value) for key, value in measured.items()},
+                **{key: _number(value) for key, value in measured.items()},
                 "seconds": seconds,
                 "median_step_seconds": statistics.median(recent) if recent else math.nan,
             }

@@ -24,8 +24,6 @@ always gets its ordinary gradient.
 
 from __future__ import annotations
 
-import statistics
-import time
 from typing import Any
 
 import torch
@@ -36,6 +34,7 @@ from torch.distributions import Independent, Normal, kl_divergence
 import gradkit as gk
 from gradkit import _checks
 from gradkit.models._baselines import measuring
+from gradkit.models.training import History, fit
 
 __all__ = [
     "VAE",
@@ -326,13 +325,17 @@ def train_vae(
     seed: int = 0,
     progress: bool = True,
     **options: Any,
-) -> list[dict[str, float]]:
+) -> History:
     r"""Train ``model`` with Adam on the negative ELBO, using ``estimator`` for the encoder.
 
     Each epoch visits the training images once in a random order (fixed by ``seed``) in
-    mini-batches of ``batch_size`` and takes one :func:`training_step` per batch. Before
-    training and after every epoch the mean ELBO (:func:`evaluate_elbo`) on the training set
-    and on ``test`` is recorded. A ``tqdm.auto`` progress bar shows the steps.
+    mini-batches of ``batch_size`` and takes one :func:`training_step` per batch;
+    :func:`gradkit.models.training.fit` runs the steps. Before training and after every epoch
+    a record holds, besides ``step``, ``seconds`` (training time so far) and
+    ``median_step_seconds`` (the median time of the epoch's steps: unlike the total, it is not
+    moved by a burst of load from other processes on a shared machine), the ``epoch`` and the
+    mean ELBO (:func:`evaluate_elbo`) on the training set (``train_elbo``) and on ``test``
+    (``test_elbo``, NaN without ``test``). A ``tqdm.auto`` progress bar shows the steps.
 
     Args:
         model: the VAE (trained in place).
@@ -348,71 +351,58 @@ def train_vae(
         **options: passed to the estimator (e.g. ``baseline=gk.baselines.LeaveOneOut()``).
 
     Returns:
-        one record per epoch (epoch 0 is before training) with keys ``epoch``,
-        ``train_elbo``, ``test_elbo`` (NaN without ``test``), ``seconds`` (training time of
-        the epoch), ``images_per_second`` and ``median_step_seconds`` (the median time of the
-        epoch's steps, NaN for epoch 0: unlike the total, it is not moved by a burst of load
-        from other processes on a shared machine).
+        a :class:`~gradkit.models.training.History`, one record per epoch (epoch 0 is before
+        training), with the model as ``model``.
 
     Raises:
-        ValueError: for a bad size or an unknown estimator.
+        ValueError: for a bad size, no training images or an unknown estimator.
 
     Example:
         >>> import torch, gradkit.models
         >>> vae = gradkit.models.VAE(x_dim=64, hidden_dim=32, z_dim=3)
         >>> x = torch.bernoulli(torch.full((64, 64), 0.3))
         >>> history = gradkit.models.train_vae(vae, x, epochs=2, batch_size=32, progress=False)
-        >>> [h["epoch"] for h in history]
-        [0, 1, 2]
+        >>> history.column("epoch"), history.steps
+        ([0, 1, 2], [0, 2, 4])
     """
-    from tqdm.auto import tqdm
-
     if estimator not in gk.ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; choose one of {sorted(gk.ESTIMATORS)}")
-    _checks.check_num_samples(epochs, minimum=0, why="epochs")
-    _checks.check_num_samples(batch_size, why="batch_size")
+    _checks.check_count("epochs", epochs, minimum=0)
+    _checks.check_count("batch_size", batch_size)
+    if len(train) == 0:
+        raise ValueError("train holds no images; pass at least one")
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     steps_per_epoch = -(-len(train) // batch_size)
+    batches: list[Tensor] = []
 
-    def record(epoch: int, step_seconds: list[float]) -> dict[str, float]:
-        seconds = sum(step_seconds)
+    def step(i: int) -> None:
+        if (i - 1) % steps_per_epoch == 0:  # a new epoch: a new order of the images
+            order = torch.randperm(len(train), generator=generator).to(train.device)
+            batches[:] = order.split(batch_size)
+        index = batches[(i - 1) % steps_per_epoch]
+        training_step(
+            model, optimizer, train[index], estimator=estimator, num_samples=num_samples, **options
+        )
+
+    def evaluate(i: int) -> dict[str, float]:
         return {
-            "epoch": epoch,
+            "epoch": i // steps_per_epoch,
             "train_elbo": evaluate_elbo(model, train),
             "test_elbo": evaluate_elbo(model, test) if test is not None else float("nan"),
-            "seconds": seconds,
-            "images_per_second": len(train) / seconds if seconds > 0 else float("nan"),
-            "median_step_seconds": statistics.median(step_seconds)
-            if step_seconds
-            else float("nan"),
         }
 
-    history = [record(0, [])]
-    bar = tqdm(
-        total=epochs * steps_per_epoch, desc=estimator, disable=not progress, mininterval=5.0
+    return fit(
+        step,
+        evaluate,
+        steps=epochs * steps_per_epoch,
+        eval_every=steps_per_epoch,
+        device=train.device,
+        label=estimator,
+        model=model,
+        show="train_elbo",
+        progress=progress,
     )
-    for epoch in range(1, epochs + 1):
-        order = torch.randperm(len(train), generator=generator).to(train.device)
-        step_seconds = []
-        for index in order.split(batch_size):
-            start = time.perf_counter()
-            training_step(
-                model,
-                optimizer,
-                train[index],
-                estimator=estimator,
-                num_samples=num_samples,
-                **options,
-            )
-            if train.is_cuda:  # kernels run asynchronously: time the work, not its launch
-                torch.cuda.synchronize(train.device)
-            step_seconds.append(time.perf_counter() - start)
-            bar.update()
-        history.append(record(epoch, step_seconds))
-        bar.set_postfix(train_elbo=f"{history[-1]['train_elbo']:.1f}")
-    bar.close()
-    return history
 
 
 def latent_gradient_estimates(

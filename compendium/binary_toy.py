@@ -4,10 +4,12 @@ Tucker et al. (2017) and Grathwohl et al. (2018) test discrete estimators on one
 with the cost :math:`(b - t)^2`. Its expectation :math:`\theta(1 - t)^2 + (1 - \theta)t^2` is
 linear in :math:`\theta`, with derivative :math:`1 - 2t`: for :math:`t` near :math:`\tfrac12`
 the two costs differ by :math:`|1 - 2t|` only, so the gradient's sign is a small difference
-between two nearly equal numbers, buried in the score function's noise. This module holds
-what the discrete-latent chapter measures on it: every estimator's variance against the number
-of evaluations of ``f``, and optimisation curves. Everything is vectorised over independent
-repetitions (a plate of copies of the one-Bernoulli problem).
+between two nearly equal numbers, buried in the score function's noise. This module is the
+discrete-latent chapter's support (beside the book's machinery, not in the installed library,
+and using only gradkit's public API); it holds what the chapter measures on the toy: every
+estimator's variance against the number of evaluations of ``f``, and optimisation curves.
+Everything is vectorised over independent repetitions (a plate of copies of the one-Bernoulli
+problem).
 """
 
 from __future__ import annotations
