@@ -25,7 +25,7 @@ Example:
     ...     opt.zero_grad()
     ...     ((w - 1) ** 2).backward()
     ...     opt.step()
-    >>> history = fit(step, lambda i: {"w": float(w)}, steps=20, eval_every=10, progress=False)
+    >>> history = fit(step, lambda i: {"w": w.item()}, steps=20, eval_every=10, progress=False)
     >>> history.steps, [round(v, 3) for v in history.column("w")]
     ([0, 10, 20], [0.0, 0.893, 0.988])
 """
