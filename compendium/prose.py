@@ -42,6 +42,9 @@ def count(n: int) -> str:
 def device(where: object, name: str | None = None) -> str:
     """What a run ran on, for a sentence: the GPU with its name, or the CPU and why.
 
+    The reason given for the CPU is the chapters' (``compendium.book.pick_device`` takes the
+    GPU whenever PyTorch sees one); a run that chose the CPU on purpose should say so itself.
+
     Example:
         >>> device("cuda:0", "NVIDIA H200"), device("cpu")
         ('the GPU NVIDIA H200 (cuda:0)', 'the CPU (torch.cuda.is_available() returned False)')
@@ -161,6 +164,8 @@ def p_value(p: float) -> str:
 
 def tally(k: int, n: int, noun: str) -> str:
     """How many of ``n`` things: ``"all four comparisons"``, ``"none of the four ..."``, ...
+
+    ``noun`` is used as given (plural for ``n`` above 1, singular for ``n`` of 1).
 
     Raises:
         ValueError: unless ``0 <= k <= n`` and ``n >= 1``.

@@ -876,7 +876,8 @@ def train_sbn(
     * ``decoder_evaluations``: decoder passes per data point in the training steps so far
       (the cost rule, measured);
     * ``seconds``: training wall time so far, measurements excluded;
-    * ``median_step_seconds``: the median time of the steps since the previous record.
+    * ``median_step_seconds``: the median time of the steps since the previous record (NaN at
+      step 0).
 
     Training uses its own generator (from ``seed``) and the measurements another, so the
     trajectory does not depend on what is measured, and the same seed gives the same records
@@ -975,11 +976,11 @@ def train_sbn(
     optimizer = torch.optim.Adam(params, lr=lr)
 
     decoded = 0
-    window: list[Tensor] = []  # the training steps' ELBO estimates since the previous record
+    window_sum, window_steps = train.new_zeros(()), 0  # the steps' ELBOs since the last record
     order = torch.empty(0, dtype=torch.long, device=device)
 
     def step(_: int) -> None:
-        nonlocal order, decoded
+        nonlocal order, decoded, window_sum, window_steps
         if len(order) < batch_size:
             order = torch.randperm(len(train), generator=generator, device=device)
         index, order = order[:batch_size], order[batch_size:]
@@ -987,12 +988,14 @@ def train_sbn(
         if dynamic_binarization:
             x = torch.bernoulli(x, generator=generator)
         before = model.decoded
-        window.append(_step(model, optimizer, x, est, num_samples, generator, options))
+        window_sum = window_sum + _step(model, optimizer, x, est, num_samples, generator, options)
+        window_steps += 1
         decoded += model.decoded - before
 
     def evaluate(_: int) -> dict[str, float]:
-        train_elbo = float(torch.stack(window).mean()) if window else math.nan
-        window.clear()
+        nonlocal window_sum, window_steps
+        train_elbo = float(window_sum) / window_steps if window_steps else math.nan
+        window_sum, window_steps = train.new_zeros(()), 0
         bound = (
             heldout_bound(model, fixed_heldout, eval_samples, generator=measure)
             if fixed_heldout is not None

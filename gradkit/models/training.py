@@ -1,6 +1,6 @@
 r"""The models' one training loop, and the one record format every run returns.
 
-Every model in :mod:`gradkit.models` trains through :func:`fit`: it takes one optimisation
+Every model in ``gradkit.models`` trains through :func:`fit`: it takes one optimisation
 step at a time, times each step (waiting for the device on CUDA, so that a step's time is its
 work and not its launch), and at step 0, every ``eval_every`` steps and after the last step
 asks the model for its measurements. What comes back is a :class:`History`: a sequence of
@@ -43,17 +43,14 @@ import torch
 
 from gradkit import _checks
 
-__all__ = ["RESERVED", "History", "Record", "fit"]
-
-#: One measurement: ``step``, the model's measurements, ``seconds``, ``median_step_seconds``.
-Record = dict[str, float]
+__all__ = ["RESERVED", "History", "fit"]
 
 #: The keys :func:`fit` writes itself; a model's measurements may not use them.
 RESERVED = ("step", "seconds", "median_step_seconds")
 
 
 @dataclass
-class History(Sequence[Record]):
+class History(Sequence[dict[str, float]]):
     """The records of one training run (see the module's docstring for their keys).
 
     A sequence of dicts: ``history[-1]["test_elbo"]`` is the last measurement,
@@ -66,18 +63,18 @@ class History(Sequence[Record]):
         model: the trained model, where the training function made it.
     """
 
-    records: list[Record] = field(default_factory=list)
+    records: list[dict[str, float]] = field(default_factory=list)
     step_seconds: list[float] = field(default_factory=list)
     label: str = ""
     model: Any = None
 
     @overload
-    def __getitem__(self, index: int) -> Record: ...
+    def __getitem__(self, index: int) -> dict[str, float]: ...
 
     @overload
-    def __getitem__(self, index: slice) -> list[Record]: ...
+    def __getitem__(self, index: slice) -> list[dict[str, float]]: ...
 
-    def __getitem__(self, index: int | slice) -> Record | list[Record]:
+    def __getitem__(self, index: int | slice) -> dict[str, float] | list[dict[str, float]]:
         if isinstance(index, str):
             raise TypeError(
                 f"a History is indexed by record number; for the measurement {index!r} over the "
@@ -88,7 +85,7 @@ class History(Sequence[Record]):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __iter__(self) -> Iterator[Record]:
+    def __iter__(self) -> Iterator[dict[str, float]]:
         return iter(self.records)
 
     @property
@@ -191,7 +188,8 @@ def fit(
         if history.records and list(measured) != history.keys[1:-2]:
             raise ValueError(
                 f"the measurements at step {i} have the keys {list(measured)}, those before had "
-                f"{history.keys[1:-2]}; evaluate must return the same keys every time"
+                f"{history.keys[1:-2]}; evaluate must return the same keys, in the same order, "
+                "every time"
             )
         if show is not None and show not in measured:
             raise ValueError(f"show={show!r} is not a measurement; choose one of {list(measured)}")
@@ -207,19 +205,21 @@ def fit(
 
     record(0)
     bar = tqdm(total=steps, desc=label or None, disable=not progress, mininterval=2.0, leave=False)
-    for i in range(1, steps + 1):
-        _synchronize(device)
-        started = time.perf_counter()
-        step(i)
-        _synchronize(device)
-        history.step_seconds.append(time.perf_counter() - started)
-        seconds += history.step_seconds[-1]
-        since += 1
-        bar.update()
-        if i % eval_every == 0 or i == steps:
-            record(i)
-            since = 0
-            if show is not None:
-                bar.set_postfix({show: f"{history.records[-1][show]:.4g}"})
-    bar.close()
+    try:
+        for i in range(1, steps + 1):
+            _synchronize(device)
+            started = time.perf_counter()
+            step(i)
+            _synchronize(device)
+            history.step_seconds.append(time.perf_counter() - started)
+            seconds += history.step_seconds[-1]
+            since += 1
+            bar.update()
+            if i % eval_every == 0 or i == steps:
+                record(i)
+                since = 0
+                if show is not None:
+                    bar.set_postfix({show: f"{history.records[-1][show]:.4g}"})
+    finally:  # a step or a measurement that raises leaves no bar behind
+        bar.close()
     return history
