@@ -22,6 +22,7 @@ __all__ = [
     "side",
     "span",
     "tally",
+    "up_to",
     "where",
 ]
 
@@ -185,6 +186,16 @@ def tally(k: int, n: int, noun: str) -> str:
     if k == 0:
         return f"none of the {count(n)} {noun}"
     return f"{count(k)} of the {count(n)} {noun}"
+
+
+def up_to(value: float, found: str, missing: str) -> str:
+    """``found`` with a threshold filled in, or ``missing`` where there is none (NaN).
+
+    Example:
+        >>> up_to(0.25, "holds up to {:.2f}", "never holds"), up_to(float("nan"), "{}", "never")
+        ('holds up to 0.25', 'never')
+    """
+    return found.format(value) if math.isfinite(value) else missing
 
 
 def where(flags: Mapping[object, bool], *, yes: str, no: str, name: str, than: str = "") -> str:
