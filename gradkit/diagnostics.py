@@ -532,8 +532,7 @@ def gradient_moments(
             f"got {type(estimator).__name__}"
         )
     _checks.check_num_samples(num_samples)
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be a positive int, got {repeats!r}")
+    _checks.check_count("repeats", repeats)
     if num_samples * repeats < 2:
         raise ValueError(
             "gradient_moments needs at least 2 estimates in all to measure a variance, got "
@@ -617,8 +616,7 @@ def repeated_gradients(
     params = list(params)
     if not params or not all(isinstance(p, Tensor) and p.requires_grad for p in params):
         raise ValueError("params must be a non-empty list of tensors that require grad")
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be a positive int, got {repeats!r}")
+    _checks.check_count("repeats", repeats)
     rows = []
     for _ in range(repeats):
         loss = loss_fn()

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.distributions import Bernoulli, Categorical, Distribution, OneHotCategorical
 
+from gradkit import _checks
 from gradkit._engine import log_prob
 from gradkit.distributions import base_distribution
 from gradkit.estimators import PathwiseEstimator
@@ -813,8 +814,7 @@ class AdditiveSurrogate(torch.nn.Module):
 
     def __init__(self, hidden: int = 16) -> None:
         super().__init__()
-        if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
-            raise ValueError(f"hidden must be a positive int, got {hidden!r}")
+        _checks.check_count("hidden", hidden)
         self.inner = torch.nn.Linear(1, hidden)
         self.outer = torch.nn.Linear(hidden, 1)
         torch.nn.init.zeros_(self.outer.weight)

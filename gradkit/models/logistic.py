@@ -144,8 +144,7 @@ class BayesianLogisticRegression(nn.Module):
         self, num_features: int, *, prior_scale: float = 1.0, init_scale: float = 0.1
     ) -> None:
         super().__init__()
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+        _checks.check_count("num_features", num_features)
         if not prior_scale > 0 or not init_scale > 0:
             raise ValueError(
                 f"prior_scale and init_scale must be positive, got {prior_scale} and {init_scale}"
@@ -342,10 +341,9 @@ def train(
     """
     if estimator not in gk.ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; choose one of {sorted(gk.ESTIMATORS)}")
-    counts = {"num_samples": num_samples, "steps": steps, "eval_every": eval_every}
-    counts |= {"eval_samples": eval_samples, "variance_samples": variance_samples}
-    for name, value in counts.items():
-        _checks.check_count(name, value)
+    counts = {"num_samples": num_samples, "steps": steps, "eval_samples": eval_samples}
+    for name, value in {**counts, "variance_samples": variance_samples}.items():
+        _checks.check_count(name, value)  # fit checks eval_every
     options = dict(options or {})
     torch.manual_seed(seed)
     x, y = data.train_x, data.train_y

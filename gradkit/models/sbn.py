@@ -105,12 +105,6 @@ _PAIRED = ("arm", "disarm")
 _MIN_SAMPLES = {"score_function": 2, "arm": 2, "disarm": 2}  # LOO baseline, one pair
 
 
-def _check_dim(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 def _bernoulli_log_prob(z: Tensor, logits: Tensor) -> Tensor:
     r""":math:`\sum_k z_k \ell_k - \log(1 + e^{\ell_k})`; also at relaxed :math:`z \in (0, 1)`."""
     return (z * logits - F.softplus(logits)).sum(-1)
@@ -166,9 +160,9 @@ class SBNVAE(nn.Module):
                 f"unknown variant {variant!r}; choose 'linear' (one affine layer each way) or "
                 "'nonlinear' (two hidden layers of LeakyReLU(0.3) units each way)"
             )
-        self.x_dim = _check_dim("x_dim", x_dim)
-        self.z_dim = _check_dim("z_dim", z_dim)
-        self.hidden_dim = _check_dim("hidden_dim", hidden_dim)
+        self.x_dim = _checks.check_count("x_dim", x_dim)
+        self.z_dim = _checks.check_count("z_dim", z_dim)
+        self.hidden_dim = _checks.check_count("hidden_dim", hidden_dim)
         self.variant = variant
         self.encoder = self._network(x_dim, z_dim)
         self.decoder = self._network(z_dim, x_dim)

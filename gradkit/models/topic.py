@@ -153,8 +153,7 @@ class BernoulliTopicModel(nn.Module):
     ) -> None:
         super().__init__()
         for name, value in [("vocab_size", vocab_size), ("num_factors", num_factors)]:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            _checks.check_count(name, value)
         if encoder_hidden < 1 or decoder_hidden < 0:
             raise ValueError(
                 f"encoder_hidden must be >= 1 and decoder_hidden >= 0, got {encoder_hidden} and "
@@ -398,8 +397,7 @@ class GradientEstimator(nn.Module):
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+        _checks.check_count("num_samples", num_samples)
         if method in ("loo", "linear_cv") and num_samples < 2:
             raise ValueError(
                 "the leave-one-out baseline needs num_samples >= 2 (each sample's baseline is "
@@ -658,8 +656,8 @@ def train(
         >>> run.steps, run.label, run.keys[1:4]
         ([0, 2, 4], 'loo', ['train_elbo', 'test_elbo', 'grad_variance'])
     """
-    for name, value in [("steps", steps), ("batch_size", batch_size), ("eval_every", eval_every)]:
-        _checks.check_count(name, value)
+    for name, value in [("steps", steps), ("batch_size", batch_size)]:
+        _checks.check_count(name, value)  # fit checks eval_every
     _checks.check_count("variance_docs", variance_docs)
     _check_docs(train_docs, model.vocab_size)
     _check_docs(test_docs, model.vocab_size)

@@ -46,12 +46,6 @@ __all__ = [
 ]
 
 
-def _check_dim(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 class VAE(nn.Module):
     r"""Variational autoencoder with a Gaussian encoder and a Bernoulli decoder.
 
@@ -87,9 +81,9 @@ class VAE(nn.Module):
 
     def __init__(self, x_dim: int = 784, hidden_dim: int = 400, z_dim: int = 20) -> None:
         super().__init__()
-        self.x_dim = _check_dim("x_dim", x_dim)
-        self.hidden_dim = _check_dim("hidden_dim", hidden_dim)
-        self.z_dim = _check_dim("z_dim", z_dim)
+        self.x_dim = _checks.check_count("x_dim", x_dim)
+        self.hidden_dim = _checks.check_count("hidden_dim", hidden_dim)
+        self.z_dim = _checks.check_count("z_dim", z_dim)
         self.fc1 = nn.Linear(x_dim, hidden_dim)
         self.fc21 = nn.Linear(hidden_dim, z_dim)
         self.fc22 = nn.Linear(hidden_dim, z_dim)
